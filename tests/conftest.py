@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny models whose behaviour is known, small deterministic data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+
+class TinyCNN(nn.Sequential):
+    """conv -> in-place ReLU -> maxpool -> conv -> ReLU -> global pool -> linear (3 classes)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 6, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(6, 3),
+        )
+
+
+class ReusedReLU(nn.Module):
+    """Calls one ReLU module twice in a forward, like torchvision's BasicBlock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.conv1(x))
+        return self.relu(self.conv2(y) - 0.5)
+
+
+class FunctionalNet(nn.Module):
+    """Uses F.relu inside forward (no ReLU module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+class DictImages(Dataset):
+    """Deterministic random images as dict items, with a dataset index offset."""
+
+    def __init__(self, n: int = 10, size: int = 16, seed: int = 0, offset: int = 100) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, size, size, generator=g)
+        self.offset = offset
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.x[i], "index": self.offset + i, "pixel_labels": torch.zeros(i + 1)}
+
+
+@pytest.fixture
+def tiny() -> TinyCNN:
+    torch.manual_seed(0)
+    return TinyCNN().eval()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(10, 3, 16, 16, generator=torch.Generator().manual_seed(1))
