@@ -28,7 +28,7 @@ demo: setup
 	$(VENV)/bin/dissect demo --out $(DEMO_OUT)
 
 lint: setup
-	$(VENV)/bin/ruff check dissect tests benchmarks scripts
+	$(VENV)/bin/ruff check .
 
 test: lint
 	$(PY) -m pytest -q

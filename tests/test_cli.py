@@ -1,0 +1,54 @@
+"""The dissect command: layers, capture, demo; errors are one line."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from dissect import ActivationStore
+from dissect.cli import main
+
+
+def test_layers_lists_names_and_shapes(capsys):
+    assert main(["layers", "torchvision:resnet18", "--input-size", "64", "--quiet"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in out}
+    assert rows["layer4"] == ["Sequential", "512x2x2"]
+    assert rows["fc"] == ["Linear", "1000"]
+
+
+def test_capture_from_image_folder(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        img = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+        cv2.imwrite(str(folder / ("sub" if i % 2 else "") / f"im{i}.png"), img)
+    out = tmp_path / "acts.h5"
+    code = main(["capture", "torchvision:resnet18", "--data", str(folder), "--layers",
+                 "layer1,layer4", "--out", str(out), "--pool", "mean", "--batch-size", "2",
+                 "--quiet"])
+    assert code == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    with ActivationStore(out) as store:
+        assert store.complete and store["layer4"].shape == (5, 512)
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    code = main(["capture", "torchvision:resnet18", "--data", "samples", "--layers",
+                 "layer9", "--out", str(tmp_path / "x.h5"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "layer9" in err[0] and "Traceback" not in err[0]
+    assert main(["layers", "nonsense-model", "--quiet"]) == 1
+    with pytest.raises(SystemExit) as info:
+        main(["capture", "torchvision:resnet18"])  # missing required options
+    assert info.value.code == 2
+
+
+def test_demo_runs_on_real_mobilenet(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "chelsea    -> Egyptian cat (0.72)" in out
+    with ActivationStore(tmp_path / "demo" / "activations.h5") as store:
+        assert store.complete and len(store.layers) == 4
