@@ -223,7 +223,10 @@ class ActivationStore:
         try:
             f = h5py.File(path, "r")
         except OSError as exc:
-            raise StoreError(f"{path} cannot be opened as HDF5 ({exc}); it may be damaged") from exc
+            raise StoreError(
+                f"{path} cannot be opened ({exc}): it is damaged, or another process is "
+                "writing it (a capture in progress)"
+            ) from exc
         fmt, version = f.attrs.get("format"), f.attrs.get("version")
         if fmt != FORMAT:
             f.close()
