@@ -1,0 +1,64 @@
+"""Exact statistics: top-k and quantiles equal numpy on the full data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dissect.stats import TopK, exact_quantiles, key_to_float, quantile_ranks, sortable_keys
+
+
+def _batches(data: np.ndarray, width: int):
+    starts = range(0, data.shape[1], width)
+    return lambda: (torch.from_numpy(data[:, i : i + width]) for i in starts)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("memory", [10**9, 1])  # one-pass top-k, and the bounded radix path
+@pytest.mark.parametrize("level", [0.995, 0.5, 0.0, 1.0, 0.9])
+def test_exact_quantiles_equal_numpy(dtype, memory, level):
+    rng = np.random.default_rng(int(level * 1000))
+    data = rng.standard_normal((6, 997)).astype(dtype)
+    data[1] = np.maximum(data[1], 0)  # ReLU-like: many ties at zero
+    data[2] = 3.0  # all equal
+    data[3, :500] = -data[3, :500] * 1e-3
+    got = exact_quantiles(_batches(data, 100), 6, 997, level, dtype=dtype, memory_values=memory)
+    expected = np.quantile(data, level, axis=1)
+    assert got.dtype == expected.dtype
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_quantile_of_relu_map_with_many_zeros():
+    data = np.zeros((2, 1000), dtype=np.float32)
+    data[0, :3] = [5.0, 4.0, 3.0]
+    got = exact_quantiles(_batches(data, 64), 2, 1000, 0.995, memory_values=1)
+    np.testing.assert_array_equal(got, np.quantile(data, 0.995, axis=1))
+
+
+def test_sortable_keys_roundtrip_and_order():
+    vals = torch.tensor([-np.inf, -3.5, -1e-30, 0.0, 1e-30, 2.0, np.inf], dtype=torch.float32)
+    keys = sortable_keys(vals)
+    assert torch.all(keys[1:] > keys[:-1])
+    np.testing.assert_array_equal(key_to_float(keys.numpy()), vals.numpy())
+
+
+def test_quantile_ranks():
+    assert quantile_ranks(1, 0.995) == (0, 0, 0.0)
+    lo, hi, g = quantile_ranks(201, 0.995)
+    assert (lo, hi) == (199, 200) and abs(g - 0.995 * 200 + 199) < 1e-12
+
+
+def test_topk_add_merge_state():
+    rng = np.random.default_rng(0)
+    data = torch.from_numpy(rng.standard_normal((3, 5000)).astype(np.float32))
+    a, b = TopK(3, 7), TopK(3, 7)
+    for i in range(0, 2500, 300):
+        a.add(data[:, i : min(i + 300, 2500)])
+    b.add(data[:, 2500:])
+    restored = TopK(3, 7)
+    restored.load_state_dict(a.state_dict())
+    restored.merge(b)
+    expected = data.sort(dim=1, descending=True).values[:, :7]
+    torch.testing.assert_close(restored.result(), expected, rtol=0, atol=0)
+    assert restored.count == 5000
