@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("capture", help="stream layer activations over a dataset to HDF5")
     _model_args(p)
-    p.add_argument("--data", required=True, help="a folder of images, or 'samples'")
+    p.add_argument("--data", required=True,
+                   help="a folder of images, samples, synthetic[:N] or broden:PATH")
     p.add_argument("--layers", required=True, help="comma-separated layer names")
     p.add_argument("--out", required=True, type=Path, help="HDF5 file to write")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
@@ -121,12 +122,12 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 def cmd_capture(args: argparse.Namespace) -> int:
     """Capture activations of a model over a data source into an HDF5 store."""
-    from .datasets import open_images
+    from .datasets import open_dataset
     from .hooks import capture
     from .models import load_model
 
     model, transform = load_model(args.model, args.weights)
-    data = open_images(args.data, transform)
+    data = open_dataset(args.data, transform)
     layers = [s.strip() for s in args.layers.split(",") if s.strip()]
     store = capture(
         model, data, layers, args.out,

@@ -1,5 +1,28 @@
-"""Datasets: plain image folders, the bundled real photographs (concept datasets to come)."""
+"""Datasets: concept datasets (Broden, synthetic concepts), image folders, sample photographs."""
 
+from .broden import Broden, BrodenLabel, encode_label_png, read_label_png
+from .concepts import Concept, ConceptDataset, collate, item_categories, rgb_to_tensor
 from .images import ImageFolder, SampleImages, open_images, read_image
+from .sources import open_dataset
+from .synthetic import PALETTE, SyntheticConcepts
+from .writer import write_broden
 
-__all__ = ["ImageFolder", "SampleImages", "open_images", "read_image"]
+__all__ = [
+    "PALETTE",
+    "Broden",
+    "BrodenLabel",
+    "Concept",
+    "ConceptDataset",
+    "ImageFolder",
+    "SampleImages",
+    "SyntheticConcepts",
+    "collate",
+    "encode_label_png",
+    "item_categories",
+    "open_dataset",
+    "open_images",
+    "read_image",
+    "read_label_png",
+    "rgb_to_tensor",
+    "write_broden",
+]

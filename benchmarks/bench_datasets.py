@@ -1,0 +1,132 @@
+"""Concept-data throughput: Broden-format reading (0 and 2 workers) and synthetic generation.
+
+Run standalone: ``.venv/bin/python benchmarks/bench_datasets.py [--quick]``. Prints a table;
+never asserts timings. The Broden-format data are written here with ``write_broden`` from
+``SyntheticConcepts`` (JPEG images and RG-encoded label PNGs, like the published broden1_224:
+224 px images, 112 px segmentations, 4 label planes and up to 2 image-level labels each).
+The "PIL loop" row decodes the same files the way the original NetDissect loader does (PIL
+imread, ``R + 256 * G`` in numpy, one process) for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dissect.datasets import Broden, SyntheticConcepts, collate, write_broden  # noqa: E402
+
+
+def _rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("inf")
+
+
+def bench_synthetic(n: int, size: int) -> dict:
+    ds = SyntheticConcepts(n, size=size, seed=0)
+    ds[0]  # warm up
+    start = time.perf_counter()
+    for i in range(n):
+        ds[i]
+    seconds = time.perf_counter() - start
+    return {
+        "what": f"SyntheticConcepts {size}px, 1 core",
+        "items": n,
+        "seconds": seconds,
+        "items_per_s": _rate(n, seconds),
+    }
+
+
+def bench_broden(root: Path, workers: int, batch_size: int) -> dict:
+    ds = Broden(root)
+    planes = sum(len(ds.item_categories(i)[0]) for i in range(len(ds)))
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    start = time.perf_counter()
+    count = sum(len(batch["index"]) for batch in loader)
+    seconds = time.perf_counter() - start
+    return {
+        "what": f"Broden reader, DataLoader num_workers={workers}",
+        "items": count,
+        "seconds": seconds,
+        "items_per_s": _rate(count, seconds),
+        "masks_per_s": _rate(planes, seconds),
+    }
+
+
+def bench_pil_loop(root: Path) -> dict:
+    """NetDissect-style decoding of the same files with PIL, for comparison."""
+    from PIL import Image
+
+    ds = Broden(root)
+    rows = [(ds.filename(i), ds.label_files(i)) for i in range(len(ds))]
+    start = time.perf_counter()
+    planes = 0
+    for image, masks in rows:
+        np.asarray(Image.open(image).convert("RGB"), dtype=np.float32)
+        for mask in masks:
+            rgb = np.asarray(Image.open(mask))
+            _ = rgb[:, :, 0].astype(np.int64) + rgb[:, :, 1].astype(np.int64) * 256
+            planes += 1
+    seconds = time.perf_counter() - start
+    return {
+        "what": "PIL loop (NetDissect-style), 1 process",
+        "items": len(rows),
+        "seconds": seconds,
+        "items_per_s": _rate(len(rows), seconds),
+        "masks_per_s": _rate(planes, seconds),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
+    parser.add_argument("--n", type=int, help="images in the Broden-format data")
+    parser.add_argument("--synthetic-n", type=int, help="synthetic images to generate")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    n = args.n or (64 if args.quick else 1000)
+    synthetic_n = args.synthetic_n or (300 if args.quick else 3000)
+    torch.set_num_threads(1)  # "one core" for the generation figure; workers use 1 each anyway
+
+    results = [bench_synthetic(synthetic_n, 112), bench_synthetic(max(1, synthetic_n // 4), 224)]
+    with tempfile.TemporaryDirectory(prefix="bench_broden_") as tmp:
+        root = Path(tmp)
+        start = time.perf_counter()
+        write_broden(SyntheticConcepts(n, size=224, seed=1), root, image_format="jpg")
+        write_seconds = time.perf_counter() - start
+        results.append(
+            {
+                "what": "write_broden 224px (jpg + PNG masks)",
+                "items": n,
+                "seconds": write_seconds,
+                "items_per_s": _rate(n, write_seconds),
+            }
+        )
+        for workers in (0, 2):
+            results.append(bench_broden(root, workers, batch_size=32))
+        results.append(bench_pil_loop(root))
+
+    print(
+        f"bench_datasets ({'quick' if args.quick else 'full'}; {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__})"
+    )
+    print(f"{'what':<46} {'items':>6} {'seconds':>8} {'items/s':>9} {'masks/s':>9}")
+    for r in results:
+        masks = f"{r['masks_per_s']:9.0f}" if "masks_per_s" in r else f"{'-':>9}"
+        print(
+            f"{r['what']:<46} {r['items']:>6} {r['seconds']:>8.2f} {r['items_per_s']:>9.0f} {masks}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
