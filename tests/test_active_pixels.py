@@ -1,0 +1,54 @@
+"""The sparse active-pixel search equals dense bilinear upsampling + threshold exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dissect.active_pixels import active_mask_dense, active_pixels
+
+
+def _sparse_as_dense(maps, thr, size):
+    b, k, y, x = active_pixels(maps, thr, size)
+    out = torch.zeros(maps.shape[0], maps.shape[1], *size, dtype=torch.bool)
+    out[b, k, y, x] = True
+    assert len(b) == int(out.sum())  # no pixel reported twice
+    return out
+
+
+@pytest.mark.parametrize(
+    "hw, size", [((7, 7), (112, 112)), ((13, 13), (113, 113)), ((5, 9), (37, 20)),
+                 ((14, 14), (56, 56)), ((1, 1), (8, 8)), ((8, 8), (8, 8)), ((9, 9), (4, 4))]
+)
+def test_equals_dense_at_top_half_percent(hw, size):
+    g = torch.Generator().manual_seed(sum(hw) + sum(size))
+    maps = torch.relu(torch.randn(3, 16, *hw, generator=g))
+    up = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    thr = torch.quantile(up.transpose(0, 1).reshape(16, -1), 0.995, dim=1)
+    dense = active_mask_dense(maps, thr, size)
+    torch.testing.assert_close(_sparse_as_dense(maps, thr, size), dense)
+
+
+def test_thresholds_equal_to_exact_pixel_values():
+    # adversarial: each threshold is a value some upsampled pixel takes exactly
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(4, 8, 6, 6, generator=g)
+    size = (50, 50)
+    up = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    thr = torch.stack([up[k % 4, k].flatten()[(k * 997) % 2500] for k in range(8)])
+    dense = active_mask_dense(maps, thr, size)
+    torch.testing.assert_close(_sparse_as_dense(maps, thr, size), dense)
+    # constant maps equal to the threshold: PyTorch's kernel rounds a few pixels one ulp above
+    # the constant; the sparse search must reproduce exactly those
+    flat = torch.full((1, 2, 4, 4), 0.3)
+    thr = torch.tensor([0.3, 0.2])
+    sparse = _sparse_as_dense(flat, thr, (9, 9))
+    torch.testing.assert_close(sparse, active_mask_dense(flat, thr, (9, 9)))
+    assert sparse[0, 1].all()
+
+
+def test_no_active_pixels():
+    maps = torch.zeros(2, 3, 4, 4)
+    b, k, y, x = active_pixels(maps, torch.ones(3), (8, 8))
+    assert b.numel() == k.numel() == y.numel() == x.numel() == 0
