@@ -457,22 +457,27 @@ class Broden(Dataset):
             out[k] = plane
         return out
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def annotations(self, i: int) -> dict[str, Any]:
+        """Item ``i`` without its image: ``pixel_labels``, ``image_labels``, ``annotated``,
+        ``index`` (what scoring needs; skips decoding the photograph)."""
         i = operator.index(i)
         if not -len(self) <= i < len(self):
             raise IndexError(f"item {i} out of range for {len(self)} items")
         i %= len(self)
         row = self._rows[i]
-        image = rgb_to_tensor(self.read_image(i))
-        if self.transform is not None:
-            image = self.transform(image)
         return {
-            "image": image,
             "pixel_labels": torch.from_numpy(self.read_pixel_labels(i)),
             "image_labels": torch.from_numpy(np.array([n for _, n in row.labels], dtype=np.int64)),
             "annotated": torch.from_numpy(np.array(row.annotated, dtype=bool)),
             "index": i,
         }
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.annotations(i)
+        image = rgb_to_tensor(self.read_image(item["index"]))
+        if self.transform is not None:
+            image = self.transform(image)
+        return {"image": image, **item}
 
     def __repr__(self) -> str:
         split = "" if self.split is None else f", split={self.split!r}"

@@ -1,0 +1,546 @@
+"""Network Dissection (Bau et al., CVPR 2017): exact unit-concept IoU scoring.
+
+For every unit ``k`` of a layer and concept ``c`` of a :class:`~dissect.datasets.ConceptDataset`:
+
+- ``T_k`` is the ``(1 - quantile)`` quantile of all raw activations of unit ``k`` over the dataset
+  (every position of every image), equal to ``numpy.quantile(values, 1 - quantile)``: exact
+  (:func:`dissect.stats.exact_quantiles`), not a sketch.
+- Each map is upsampled to the segmentation size by bilinear interpolation
+  (``align_corners=False``); active pixels are those ``> T_k``
+  (:func:`dissect.active_pixels.active_pixels`, exact and sparse).
+- ``I[k, c]`` sums ``|active_k AND mask_c|``, ``A[k, cat]`` sums the active area over images on
+  which category ``cat`` is annotated, ``L[c]`` the area of concept ``c``; an image-level label
+  covers its whole image. ``IoU[k, c] = I / (A[k, cat(c)] + L[c] - I)`` with ``cat(c)`` the
+  concept's primary category. A unit is a detector when its best IoU exceeds ``iou_threshold``.
+
+Counts are exact integers (int64 tallies; float64 matrix products of integers below 2**53).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ._device import resolve_device
+from .active_pixels import active_pixels
+from .datasets.concepts import Concept, collate
+from .errors import DissectError
+from .hooks.capture import capture
+from .hooks.layers import LayerSelector
+from .stats import exact_quantiles
+from .store import ActivationStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    """The best concept of one unit (overall, or within one category)."""
+
+    layer: str
+    unit: int
+    concept: str
+    category: str
+    iou: float
+    threshold: float
+    is_detector: bool
+
+
+class IoUTally:
+    """Exact running counts ``I (K, C)``, ``A (K, n_categories)``, ``L (C,)`` for one layer.
+
+    Has the running-statistics shape: :meth:`add`, :meth:`merge`, :meth:`result`,
+    :meth:`state_dict` / :meth:`load_state_dict`, so a tally can be resumed or summed across
+    processes.
+
+    Parameters
+    ----------
+    units
+        Number of units ``K``.
+    concepts
+        The concept table (columns of ``I``).
+    categories
+        The dataset's categories (the order of ``annotated`` flags).
+    device
+        Where the counting runs.
+    """
+
+    def __init__(
+        self,
+        units: int,
+        concepts: list[Concept],
+        categories: list[str],
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.units, self.concepts, self.categories = units, list(concepts), list(categories)
+        self.device = torch.device(device)
+        C = len(self.concepts)
+        self.intersection = torch.zeros(units, C, dtype=torch.int64, device=self.device)
+        self.active = torch.zeros(units, len(categories), dtype=torch.int64, device=self.device)
+        self.area = torch.zeros(C, dtype=torch.int64, device=self.device)
+        numbers = [c.number for c in self.concepts]
+        lut = torch.zeros(max(numbers, default=0) + 1, dtype=torch.int64)
+        lut[torch.tensor(numbers, dtype=torch.int64)] = torch.arange(1, C + 1)
+        self._lut = lut.to(self.device)  # label number -> column + 1 (0: not scored)
+        cat_index = {c: i for i, c in enumerate(self.categories)}
+        missing = {c.category for c in self.concepts} - set(cat_index)
+        if missing:
+            raise DissectError(f"concepts name categories {sorted(missing)} the dataset lacks")
+        self.concept_category = torch.tensor(
+            [cat_index[c.category] for c in self.concepts], dtype=torch.int64, device=self.device
+        )
+
+    def _codes(self, labels: torch.Tensor) -> torch.Tensor:
+        labels = labels.to(self.device, torch.int64)
+        if labels.numel() and int(labels.max()) >= len(self._lut):
+            self._lut = torch.cat(
+                [self._lut, self._lut.new_zeros(int(labels.max()) + 1 - len(self._lut))]
+            )
+        return self._lut[labels.clamp(min=0)]
+
+    def add(
+        self,
+        maps: torch.Tensor,
+        thresholds: torch.Tensor,
+        pixel_labels: torch.Tensor,
+        image_labels: torch.Tensor,
+        annotated: torch.Tensor,
+    ) -> None:
+        """Count one batch.
+
+        Parameters
+        ----------
+        maps
+            ``(B, K, h, w)`` activations.
+        thresholds
+            ``(K,)`` thresholds.
+        pixel_labels
+            ``(B, P, sh, sw)`` label numbers (0 = none).
+        image_labels
+            ``(B, L)`` image-level label numbers (0 = none).
+        annotated
+            ``(B, n_categories)`` bool.
+        """
+        B, K = maps.shape[:2]
+        sh, sw = pixel_labels.shape[-2:]
+        C = len(self.concepts)
+        dev = self.device
+        codes = self._codes(pixel_labels)  # (B, P, sh, sw), column + 1
+        for p in range(1, codes.shape[1]):  # a concept in two planes of one pixel counts once
+            dup = (codes[:, p : p + 1] == codes[:, :p]).any(dim=1) & (codes[:, p] > 0)
+            codes[:, p][dup] = 0
+        img_codes = self._codes(image_labels)  # (B, L)
+        img_hot = torch.zeros(B, C + 1, dtype=torch.float64, device=dev)
+        img_hot.scatter_(1, img_codes, 1.0)
+        img_hot = img_hot[:, 1:]  # (B, C): each image-level concept at most once per image
+        # concept areas
+        self.area += torch.bincount(codes.reshape(-1), minlength=C + 1)[1:]
+        self.area += (img_hot.sum(dim=0) * (sh * sw)).round().long()
+        # active pixels
+        b, k, y, x = active_pixels(maps.to(dev), thresholds.to(dev), (sh, sw))
+        per_image = torch.bincount(b * K + k, minlength=B * K).view(B, K).double()
+        ann = annotated.to(dev).double()
+        self.active += (per_image.T @ ann).round().long()
+        self.intersection += (per_image.T @ img_hot).round().long()
+        if codes.shape[1]:
+            hit = codes[b, :, y, x]  # (n, P)
+            flat = (k[:, None] * (C + 1) + hit).reshape(-1)
+            counts = torch.bincount(flat, minlength=K * (C + 1)).view(K, C + 1)
+            self.intersection += counts[:, 1:]
+
+    def merge(self, other: IoUTally) -> None:
+        """Add another tally of the same layer and concepts (e.g. from another process)."""
+        self.intersection += other.intersection.to(self.device)
+        self.active += other.active.to(self.device)
+        self.area += other.area.to(self.device)
+
+    def result(self) -> np.ndarray:
+        """``(K, C)`` IoU as float64 numpy (0 where the union is empty)."""
+        inter = self.intersection.double()
+        union = self.active[:, self.concept_category].double() + self.area.double()[None] - inter
+        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
+        return iou.cpu().numpy()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counts (exact int64), for checkpoints and merging."""
+        return {
+            "intersection": self.intersection.cpu(),
+            "active": self.active.cpu(),
+            "area": self.area.cpu(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore counts saved by :meth:`state_dict`."""
+        self.intersection = state["intersection"].to(self.device)
+        self.active = state["active"].to(self.device)
+        self.area = state["area"].to(self.device)
+
+
+class DissectionResult:
+    """Results of :func:`dissect` for several layers.
+
+    Attributes
+    ----------
+    layers
+        Dissected layers in order.
+    concepts
+        The scored concepts: the column order of :meth:`iou`.
+    categories
+        Categories of the scored concepts, in the dataset's order.
+    quantile, iou_threshold
+        The settings used.
+    """
+
+    def __init__(
+        self,
+        layers: list[str],
+        concepts: list[Concept],
+        categories: list[str],
+        iou: dict[str, np.ndarray],
+        thresholds: dict[str, np.ndarray],
+        top_images: dict[str, np.ndarray],
+        *,
+        quantile: float,
+        iou_threshold: float,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.layers = list(layers)
+        self.concepts = list(concepts)
+        self.categories = list(categories)
+        self._iou = iou
+        self._thresholds = thresholds
+        self._top = top_images
+        self.quantile, self.iou_threshold = quantile, iou_threshold
+        self.meta = dict(meta or {})
+
+    def _check(self, layer: str) -> None:
+        if layer not in self._iou:
+            raise DissectError(f"layer {layer!r} was not dissected; layers: {self.layers}")
+
+    def iou(self, layer: str) -> np.ndarray:
+        """``(K, C)`` IoU of every unit with every concept (columns: :attr:`concepts`)."""
+        self._check(layer)
+        return self._iou[layer]
+
+    def thresholds(self, layer: str) -> np.ndarray:
+        """``(K,)`` activation thresholds ``T_k``."""
+        self._check(layer)
+        return self._thresholds[layer]
+
+    def top_images(self, layer: str, k: int | None = None) -> np.ndarray:
+        """``(K, k)`` dataset indices of each unit's most activating images (by spatial max)."""
+        self._check(layer)
+        top = self._top[layer]
+        return top if k is None else top[:, :k]
+
+    def units(self, layer: str, category: str | None = None) -> list[UnitResult]:
+        """The best concept of every unit, in unit order.
+
+        Parameters
+        ----------
+        layer
+            A dissected layer.
+        category
+            Only consider concepts of this category (best concept per category).
+        """
+        iou = self.iou(layer)
+        thr = self.thresholds(layer)
+        cols = np.arange(len(self.concepts))
+        if category is not None:
+            if category not in self.categories:
+                raise DissectError(f"unknown category {category!r}; have {self.categories}")
+            cols = np.array([i for i, c in enumerate(self.concepts) if c.category == category])
+        out = []
+        for unit in range(iou.shape[0]):
+            if cols.size == 0:
+                break
+            j = int(cols[np.argmax(iou[unit, cols])])
+            c = self.concepts[j]
+            value = float(iou[unit, j])
+            out.append(UnitResult(layer, unit, c.name, c.category, value, float(thr[unit]),
+                                  value > self.iou_threshold))
+        return out
+
+    def detectors(self, layer: str) -> list[UnitResult]:
+        """Units whose best IoU exceeds the threshold, best first."""
+        return sorted((u for u in self.units(layer) if u.is_detector), key=lambda u: -u.iou)
+
+    def summary(self) -> str:
+        """Per layer: detectors, unique concepts, detectors per category."""
+        lines = [f"Network Dissection (quantile={self.quantile}, IoU > {self.iou_threshold})"]
+        header = f"{'layer':<20} {'units':>6} {'detectors':>9} {'unique':>6}  per category"
+        lines.append(header)
+        for layer in self.layers:
+            det = self.detectors(layer)
+            per_cat = Counter(u.category for u in det)
+            cats = ", ".join(f"{c} {per_cat[c]}" for c in self.categories if per_cat[c])
+            unique = len({u.concept for u in det})
+            n = self.iou(layer).shape[0]
+            lines.append(f"{layer:<20} {n:>6} {len(det):>9} {unique:>6}  {cats or '-'}")
+        return "\n".join(lines)
+
+    def to_csv(self, directory: str | Path) -> list[Path]:
+        """One CSV per layer with NetDissect's columns.
+
+        ``unit, category, label, score`` (the best concept overall), then per category
+        ``<cat>-label, <cat>-iou``; units are numbered from 0.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for layer in self.layers:
+            per_cat = {c: self.units(layer, c) for c in self.categories}
+            path = directory / f"{layer}.csv"
+            with path.open("w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["unit", "category", "label", "score"]
+                           + [f"{c}-{s}" for c in self.categories for s in ("label", "iou")])
+                for u in self.units(layer):
+                    row: list[Any] = [u.unit, u.category, u.concept, f"{u.iou:.6f}"]
+                    for c in self.categories:
+                        best = per_cat[c][u.unit]
+                        row += [best.concept, f"{best.iou:.6f}"]
+                    w.writerow(row)
+            paths.append(path)
+        return paths
+
+    def to_json(self, path: str | Path) -> Path:
+        """Everything (IoU matrices, thresholds, top images, settings) as one JSON file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {
+            "format": "torch-dissect-netdissect",
+            "version": 1,
+            "quantile": self.quantile,
+            "iou_threshold": self.iou_threshold,
+            "meta": self.meta,
+            "categories": self.categories,
+            "concepts": [c._asdict() for c in self.concepts],
+            "layers": {
+                layer: {
+                    "thresholds": self._thresholds[layer].tolist(),
+                    "iou": self._iou[layer].tolist(),
+                    "top_images": self._top[layer].tolist(),
+                    "units": [asdict(u) for u in self.units(layer)],
+                }
+                for layer in self.layers
+            },
+        }
+        path.write_text(json.dumps(data))
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> DissectionResult:
+        """Load a result written by :meth:`to_json`."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise DissectError(f"cannot read a dissection result from {path}: {exc}") from exc
+        if data.get("format") != "torch-dissect-netdissect":
+            raise DissectError(f"{path} is not a torch-dissect dissection result")
+        layers = list(data["layers"])
+        get = data["layers"]
+        return cls(
+            layers,
+            [Concept(**c) for c in data["concepts"]],
+            data["categories"],
+            {k: np.asarray(get[k]["iou"], dtype=np.float64) for k in layers},
+            {k: np.asarray(get[k]["thresholds"], dtype=np.float32) for k in layers},
+            {k: np.asarray(get[k]["top_images"], dtype=np.int64) for k in layers},
+            quantile=data["quantile"],
+            iou_threshold=data["iou_threshold"],
+            meta=data.get("meta", {}),
+        )
+
+
+class _Annotations(Dataset):
+    """A concept dataset's annotations in store row order (skipping images when possible)."""
+
+    def __init__(self, dataset: Any, index: np.ndarray) -> None:
+        self.dataset, self.index = dataset, index
+        self._light = callable(getattr(dataset, "annotations", None))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        i = int(self.index[row])
+        item = self.dataset.annotations(i) if self._light else self.dataset[i]
+        return {k: item[k] for k in ("pixel_labels", "image_labels", "annotated", "index")}
+
+
+def _check_dataset(dataset: Any) -> None:
+    for attr in ("concepts", "categories"):
+        if not hasattr(dataset, attr):
+            raise DissectError(
+                f"dataset has no .{attr}: dissection needs a ConceptDataset "
+                "(Broden, SyntheticConcepts, or one with the same contract)"
+            )
+
+
+def dissect(
+    source: ActivationStore | nn.Module,
+    dataset: Any,
+    layers: LayerSelector | None = None,
+    *,
+    quantile: float = 0.005,
+    iou_threshold: float = 0.04,
+    categories: list[str] | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    num_workers: int = 0,
+    store_path: str | Path | None = None,
+    top_k: int = 16,
+) -> DissectionResult:
+    """Score every unit of the chosen layers against every concept of a concept dataset.
+
+    Parameters
+    ----------
+    source
+        An :class:`~dissect.ActivationStore` captured over ``dataset`` with ``pool=None``
+        (rows aligned by its ``/index``), or a model: then its activations are captured first
+        into ``store_path`` (a temporary file when ``None``) with the dataset's transform.
+    dataset
+        A concept dataset (``concepts``, ``categories``, items with label planes).
+    layers
+        Layers to dissect (default: every layer of the store). Required for a model.
+    quantile
+        Top fraction of activations that counts as active (NetDissect: 0.005).
+    iou_threshold
+        A unit is a detector when its best IoU exceeds this (NetDissect: 0.04).
+    categories
+        Score only concepts of these categories (default: all).
+    batch_size
+        Images per counting step.
+    device
+        ``None`` for CUDA when available, else CPU.
+    progress
+        Show progress bars.
+    num_workers
+        DataLoader workers reading the annotations.
+    store_path
+        Where to capture when ``source`` is a model.
+    top_k
+        How many top images per unit to keep (from the store's maxima).
+
+    Returns
+    -------
+    DissectionResult
+    """
+    _check_dataset(dataset)
+    if not 0 < quantile < 1:
+        raise DissectError(f"quantile must be in (0, 1), got {quantile}")
+    if batch_size < 1:
+        raise DissectError(f"batch_size must be >= 1, got {batch_size}")
+    dev = resolve_device(device)
+    tmp = None
+    if isinstance(source, nn.Module):
+        if layers is None:
+            raise DissectError("give layers=... when dissecting a model")
+        if store_path is None:
+            tmp = tempfile.TemporaryDirectory(prefix="dissect-")
+            store_path = Path(tmp.name) / "activations.h5"
+        source = capture(source, dataset, layers, store_path, batch_size=batch_size,
+                         device=dev, progress=progress, num_workers=num_workers)
+    if not isinstance(source, ActivationStore):
+        raise DissectError("source must be an ActivationStore or a torch.nn.Module")
+    store = source
+    try:
+        return _dissect_store(store, dataset, layers, quantile, iou_threshold, categories,
+                              batch_size, dev, progress, num_workers, top_k)
+    finally:
+        if tmp is not None:
+            store.close()
+            tmp.cleanup()
+
+
+def _dissect_store(
+    store: ActivationStore,
+    dataset: Any,
+    layers: LayerSelector | None,
+    quantile: float,
+    iou_threshold: float,
+    categories: list[str] | None,
+    batch_size: int,
+    dev: torch.device,
+    progress: bool,
+    num_workers: int,
+    top_k: int,
+) -> DissectionResult:
+    if not store.complete:
+        raise DissectError(f"{store.path} is an unfinished capture: rerun capture to finish it")
+    if layers is None:
+        names = store.layers
+    elif isinstance(layers, str):
+        names = [layers]
+    elif callable(layers):
+        names = [n for n in store.layers if layers(n)]
+    else:
+        names = list(layers)
+    for name in names:
+        if name not in store:
+            raise DissectError(f"layer {name!r} is not in {store.path}; it has {store.layers}")
+        if store[name].ndim != 4:
+            raise DissectError(
+                f"layer {name!r} is stored as {store[name].shape}: dissection needs spatial maps "
+                "(N, C, H, W); capture with pool=None"
+            )
+    all_cats = list(dataset.categories)
+    if categories is not None:
+        unknown = sorted(set(categories) - set(all_cats))
+        if unknown:
+            raise DissectError(f"unknown categories {unknown}; the dataset has {all_cats}")
+    keep = set(categories or all_cats)
+    concepts = [c for c in dataset.concepts if c.category in keep and c.number != 0]
+    cats = [c for c in all_cats if c in keep]
+    index = store.index
+    if len(index) and (index.min() < 0 or index.max() >= len(dataset)):
+        raise DissectError(f"{store.path} rows index items beyond the dataset's {len(dataset)}")
+    stored_dtype = np.dtype(store[names[0]].dtype)
+    iou, thresholds, top = {}, {}, {}
+    for name in names:
+        ds = store[name]
+        n, units, h, w = ds.shape
+        read = min(len(store), max(1, (1 << 24) // max(1, units * h * w)))
+
+        def batches(name: str = name, read: int = read):
+            for block in store.iter(name, read):
+                yield block.transpose(0, 1).reshape(block.shape[1], -1)
+
+        thr = exact_quantiles(batches, units, n * h * w, 1 - quantile,
+                              dtype=np.dtype(ds.dtype), device=dev)
+        thresholds[name] = thr
+        tally = IoUTally(units, concepts, all_cats, device=dev)
+        loader = DataLoader(_Annotations(dataset, index), batch_size=batch_size,
+                            num_workers=num_workers, collate_fn=collate)
+        thr_t = torch.from_numpy(thr.astype(np.float32)).to(dev)
+        row = 0
+        bar = tqdm(total=n, desc=f"netdissect {name}", unit="img", disable=not progress)
+        for item in loader:
+            b = len(item["annotated"])
+            maps = torch.from_numpy(ds[row : row + b]).to(dev, torch.float32)
+            tally.add(maps, thr_t, item["pixel_labels"], item["image_labels"], item["annotated"])
+            row += b
+            bar.update(b)
+        bar.close()
+        iou[name] = tally.result()
+        maxima = store.maxima(name)
+        order = np.argsort(-maxima, axis=0, kind="stable")[: min(top_k, len(maxima))].T
+        top[name] = index[order]
+    meta = {"store": str(store.path), "model": store.meta.get("model"),
+            "stored_dtype": str(stored_dtype), "n_images": int(len(index))}
+    return DissectionResult(names, concepts, cats, iou, thresholds, top, quantile=quantile,
+                            iou_threshold=iou_threshold, meta=meta)
