@@ -23,6 +23,8 @@ EPILOG = """examples:
       --out acts.h5 --pool mean
   dissect capture torchvision:resnet18 --weights r18.pth --data ./images --layers layer4 \\
       --out r18.h5 --device cuda
+  dissect netdissect torchvision:resnet18 --weights r18.pth --dataset broden:broden1_224 \
+      --layers layer3,layer4 --out r18-dissect --device cuda
   dissect demo --out demo-out
 """
 
@@ -86,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_capture)
 
+    p = sub.add_parser("netdissect", help="Network Dissection: label units with concepts")
+    _model_args(p)
+    p.add_argument("--dataset", required=True, help="broden:PATH, synthetic[:N] or a Broden folder")
+    p.add_argument("--layers", required=True, help="comma-separated layer names")
+    p.add_argument("--out", required=True, type=Path, help="output folder (store, CSV, JSON)")
+    p.add_argument("--quantile", type=float, default=0.005, help="top activation share (0.005)")
+    p.add_argument("--iou-threshold", type=float, default=0.04, help="detector IoU (0.04)")
+    p.add_argument("--categories", default=None, help="comma-separated categories (all)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                   help="stored activation dtype (float16)")
+    _common(p)
+    p.set_defaults(func=cmd_netdissect)
+
     p = sub.add_parser("demo", help="run the toolkit on the real ImageNet MobileNetV2")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder")
     p.add_argument("--fast", action="store_true", help="a smaller run (used by the tests)")
@@ -138,6 +153,34 @@ def cmd_capture(args: argparse.Namespace) -> int:
     for layer in store.layers:
         _out(f"{layer}: {store[layer].shape} {store[layer].dtype}")
     _out(f"wrote {store.path}")
+    return 0
+
+
+def cmd_netdissect(args: argparse.Namespace) -> int:
+    """Capture (or reuse) a store over a concept dataset, score it, write CSV/JSON."""
+    from .datasets import open_dataset
+    from .hooks import capture
+    from .models import Preprocess, load_model
+    from .netdissect import dissect
+
+    model, transform = load_model(args.model, args.weights)
+    data = open_dataset(args.dataset)
+    # keep pixels aligned with the segmentation: normalization only, no resize or crop
+    data.transform = transform.without_resize() if isinstance(transform, Preprocess) else transform
+    layers = [s.strip() for s in args.layers.split(",") if s.strip()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    store = capture(model, data, layers, args.out / "activations.h5", batch_size=args.batch_size,
+                    dtype=args.dtype, device=args.device, num_workers=args.num_workers,
+                    progress=not args.quiet)
+    categories = args.categories.split(",") if args.categories else None
+    result = dissect(store, data, layers, quantile=args.quantile,
+                     iou_threshold=args.iou_threshold, categories=categories,
+                     batch_size=args.batch_size, device=args.device, progress=not args.quiet,
+                     num_workers=args.num_workers)
+    result.to_csv(args.out)
+    result.to_json(args.out / "netdissect.json")
+    _out(result.summary())
+    _out(f"wrote {args.out / 'netdissect.json'} and one CSV per layer in {args.out}")
     return 0
 
 

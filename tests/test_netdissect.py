@@ -216,3 +216,29 @@ def test_bad_input(tmp_path, tiny, images):
         dissect(store, images, layers=["0"], progress=False)
     with pytest.raises(DissectError, match="layers="):
         dissect(tiny, ds, progress=False)
+
+
+def test_cli_and_reproduction_script_on_written_broden(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from dissect.cli import main
+    from dissect.datasets import write_broden
+
+    root = write_broden(SyntheticConcepts(12, size=64, seed=5), tmp_path / "broden")
+    out = tmp_path / "cli"
+    assert main(["netdissect", "torchvision:resnet18", "--dataset", f"broden:{root}",
+                 "--layers", "layer2,layer3", "--out", str(out), "--batch-size", "5",
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "layer2" in printed and "detectors" in printed
+    assert (out / "layer3.csv").is_file() and (out / "netdissect.json").is_file()
+    script = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_netdissect.py"
+    spec = importlib.util.spec_from_file_location("reproduce_netdissect", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--broden", str(root), "--out", str(tmp_path / "rep"), "--quiet",
+                        "--layers", "layer3,layer4", "--batch-size", "6"]) == 0
+    table = capsys.readouterr().out
+    assert "layer4" in table and "texture" in table and "unique" in table
+    assert module.main(["--broden", str(tmp_path / "missing"), "--quiet"]) == 2
