@@ -96,7 +96,7 @@ def test_open_dataset(tmp_path: Path) -> None:
 
 
 def test_sample_images() -> None:
-    ds = open_dataset("samples")  # falls back to open_images
+    ds = open_dataset("samples")  # the bundled photographs
     assert isinstance(ds, SampleImages)
     assert "chelsea" in ds.names and len(ds) >= 1
     item = ds[ds.names.index("chelsea")]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dissect.datasets import ImageFolder, SampleImages, open_images, read_image
+from dissect.datasets import ImageFolder, SampleImages, open_dataset, read_image
 from dissect.errors import DataError
 
 
@@ -32,7 +32,7 @@ def test_image_errors(tmp_path):
     with pytest.raises(DataError, match="cannot read image"):
         ImageFolder(tmp_path)[0]
     with pytest.raises(DataError, match="unknown data source"):
-        open_images("no-such-thing")
+        open_dataset("no-such-thing")
 
 
 def test_sample_images_are_real_photographs():

@@ -2,7 +2,7 @@
 
 from .broden import Broden, BrodenLabel, encode_label_png, read_label_png
 from .concepts import Concept, ConceptDataset, collate, item_categories, rgb_to_tensor
-from .images import ImageFolder, SampleImages, open_images, read_image
+from .images import ImageFolder, SampleImages, read_image
 from .sources import open_dataset
 from .synthetic import PALETTE, SyntheticConcepts
 from .writer import write_broden
@@ -20,7 +20,6 @@ __all__ = [
     "encode_label_png",
     "item_categories",
     "open_dataset",
-    "open_images",
     "read_image",
     "read_label_png",
     "rgb_to_tensor",

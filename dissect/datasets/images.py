@@ -142,28 +142,3 @@ class SampleImages(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         return _to_item(self._arrays[i], i, self.transform, self.names[i])
 
-
-def open_images(spec: str, transform: Callable | None = None) -> Dataset:
-    """Resolve a data source name to a dataset.
-
-    Parameters
-    ----------
-    spec
-        ``"samples"`` for :class:`SampleImages`, or a folder path for :class:`ImageFolder`.
-    transform
-        Applied to each image.
-
-    Returns
-    -------
-    torch.utils.data.Dataset
-
-    Raises
-    ------
-    DataError
-        For anything else.
-    """
-    if spec == "samples":
-        return SampleImages(transform)
-    if Path(spec).is_dir():
-        return ImageFolder(spec, transform)
-    raise DataError(f"unknown data source {spec!r}: give a folder of images or 'samples'")

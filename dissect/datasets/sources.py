@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .broden import Broden
-from .images import open_images
+from .images import ImageFolder, SampleImages
 from .synthetic import SyntheticConcepts
 
 DEFAULT_SYNTHETIC_SIZE = 1000
@@ -23,8 +23,8 @@ def open_dataset(spec: str, transform: Callable | None = None) -> Dataset:
     spec
         ``"synthetic"`` or ``"synthetic:N"`` for :class:`SyntheticConcepts` (N images, default
         1000, 112 px, seed 0); ``"broden:PATH"`` or a folder holding an ``index.csv`` for
-        :class:`Broden`; anything else goes to :func:`open_images` (``"samples"`` or a folder of
-        images).
+        :class:`Broden`; ``"samples"`` for :class:`SampleImages` (the bundled photographs); any
+        other folder for :class:`ImageFolder`.
     transform
         Applied to each image.
 
@@ -46,4 +46,11 @@ def open_dataset(spec: str, transform: Callable | None = None) -> Dataset:
         return Broden(spec.partition(":")[2], transform=transform)
     if (Path(spec) / "index.csv").is_file():
         return Broden(spec, transform=transform)
-    return open_images(spec, transform)
+    if spec == "samples":
+        return SampleImages(transform)
+    if Path(spec).is_dir():
+        return ImageFolder(spec, transform)
+    raise DataError(
+        f"unknown data source {spec!r}: give synthetic[:N], broden:PATH, samples or a folder "
+        "of images"
+    )
