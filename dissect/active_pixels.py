@@ -3,14 +3,17 @@
 Network Dissection upsamples each unit's map to the segmentation size and keeps the pixels above
 the unit's threshold: the top 0.5%, so a sparse set. A bilinear value is a convex combination of
 the four corner values of its cell, so it can only exceed ``T`` inside cells whose largest corner
-does; only those cells' pixels are evaluated (a few percent of the image area). Values are
+does; only those cells are visited (a few percent of the image area). Within such a cell and one
+output row the value is linear in the column weight, so the row's active pixels are one interval
+computed in closed form: the work is per cell row plus per active pixel. Values are
 computed in float64 and compared with a margin that bounds any float32 implementation's rounding
 (the weights' error grows with the input size); the rare pixels inside the margin are settled by
-``F.interpolate`` itself on their image's maps, so the result always equals
+``F.interpolate`` itself, so the result always equals
 ``F.interpolate(maps, size, mode="bilinear", align_corners=False) > T`` exactly, on any device.
-(PyTorch's CPU kernel rounds differently depending on the tensor's shape, so the settling call
-uses the same ``(b, K, h, w)`` shape per image as a dense reference does; a per-image call gives
-the same bits as a call on the whole batch.)
+PyTorch's CPU kernel rounds differently for some shapes (a ``(K, 1, h, w)`` call can differ from
+a ``(1, K, h, w)`` one in the last bit; a per-image call matches the whole batch), so settling
+upsamples only the affected maps when a one-time check on the layer's first image shows single
+maps round like whole images, and the affected images' full ``(1, K, h, w)`` tensors otherwise.
 """
 
 from __future__ import annotations
@@ -21,17 +24,17 @@ import torch
 import torch.nn.functional as F
 
 EPS32 = 2.0**-23
-CHUNK_PIXELS = 1 << 22
+CHUNK_PIXELS = 1 << 18  # cell rows per step
 
 
 @dataclass(frozen=True)
 class _Axis:
-    """For one axis: each output coordinate's cell, weights, and each cell's output coordinates."""
+    """For one axis: each output coordinate's cell and weight, each cell's output coordinates."""
 
-    cell: torch.Tensor  # (S,) lower source index of every output coordinate
-    upper: torch.Tensor  # (S,) upper source index (clamped at the border)
-    w1: torch.Tensor  # (S,) weight of the upper index, float64
+    upper: torch.Tensor  # (s,) upper source index of each cell (clamped at the border)
+    w1: torch.Tensor  # (S,) weight of the upper index for every output coordinate, float64
     members: torch.Tensor  # (s, R) output coordinates of each cell, -1 padded
+    count: torch.Tensor  # (s,) number of output coordinates of each cell
 
 
 def _axis(in_size: int, out_size: int, device: torch.device) -> _Axis:
@@ -39,19 +42,21 @@ def _axis(in_size: int, out_size: int, device: torch.device) -> _Axis:
     out = torch.arange(out_size, dtype=torch.float64, device=device)
     src = ((out + 0.5) * scale - 0.5).clamp(min=0)
     cell = src.floor().long().clamp(max=in_size - 1)
-    upper = (cell + 1).clamp(max=in_size - 1)
     w1 = src - cell.double()
     counts = torch.bincount(cell, minlength=in_size)
-    width = int(counts.max())
-    members = torch.full((in_size, width), -1, dtype=torch.long, device=device)
+    members = torch.full((in_size, int(counts.max())), -1, dtype=torch.long, device=device)
     start = torch.cumsum(counts, 0) - counts
     offset = torch.arange(out_size, device=device) - start[cell]
     members[cell, offset] = torch.arange(out_size, device=device)
-    return _Axis(cell, upper, w1, members)
+    upper = (torch.arange(in_size, device=device) + 1).clamp(max=in_size - 1)
+    return _Axis(upper, w1, members, counts)
 
 
 def active_pixels(
-    maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]
+    maps: torch.Tensor,
+    thresholds: torch.Tensor,
+    size: tuple[int, int],
+    cache: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Coordinates of the upsampled pixels above each unit's threshold.
 
@@ -63,6 +68,9 @@ def active_pixels(
         ``(K,)`` thresholds ``T_k``.
     size
         Output size ``(sh, sw)``.
+    cache
+        Optional dict kept by the caller across batches of one layer (geometry, and whether
+        ``F.interpolate`` of single maps rounds like whole images for this shape).
 
     Returns
     -------
@@ -75,70 +83,128 @@ def active_pixels(
     B, K, h, w = maps.shape
     sh, sw = size
     dev = maps.device
+    cache = {} if cache is None else cache
     thr = thresholds.to(dev, torch.float32)
-    ay, ax = _axis(h, sh, dev), _axis(w, sw, dev)
+    key = ("axes", h, w, sh, sw, str(dev))
+    if key not in cache:
+        cache[key] = (_axis(h, sh, dev), _axis(w, sw, dev))
+    ay, ax = cache[key]
     # largest corner of every cell (cells at the border repeat their last row/column)
     padded = F.pad(maps, (0, 1, 0, 1), mode="replicate")
     cell_max = F.max_pool2d(padded, kernel_size=2, stride=1)
-    scale = padded.abs().amax(dim=(2, 3), keepdim=True)  # (B, K, 1, 1)
-    margin = EPS32 * (2 * (max(h, w) + 1) + 8) * scale + 1e-30
-    cand = cell_max >= thr.view(1, K, 1, 1) - margin
+    scale = padded.abs().amax(dim=(2, 3))  # (B, K)
+    margin = EPS32 * (2 * (max(h, w) + 1) + 8) * scale.double() + 1e-30
+    cand = cell_max >= thr.view(1, K, 1, 1) - margin.float()[:, :, None, None]
     cb, ck, ci, cj = torch.nonzero(cand, as_tuple=True)
+    empty = torch.empty(0, dtype=torch.long, device=dev)
     if cb.numel() == 0:
-        empty = torch.empty(0, dtype=torch.long, device=dev)
         return empty, empty, empty, empty
-    rows = ay.members[ci]  # (n, R)
-    cols = ax.members[cj]  # (n, C)
-    per_cell = rows.shape[1] * cols.shape[1]
-    step = max(1, CHUNK_PIXELS // per_cell)
-    out: list[list[torch.Tensor]] = [[], [], [], []]
-    ambiguous: list[torch.Tensor] = []
-    flat_maps = maps.double()
-    for s in range(0, cb.numel(), step):
-        b, k, i, j = cb[s : s + step], ck[s : s + step], ci[s : s + step], cj[s : s + step]
-        r, c = rows[s : s + step], cols[s : s + step]
-        i1, j1 = ay.upper[ay.members[i, 0]], ax.upper[ax.members[j, 0]]
-        a00 = flat_maps[b, k, i, j][:, None, None]
-        a01 = flat_maps[b, k, i, j1][:, None, None]
-        a10 = flat_maps[b, k, i1, j][:, None, None]
-        a11 = flat_maps[b, k, i1, j1][:, None, None]
-        wy = ay.w1[r.clamp(min=0)][:, :, None]
-        wx = ax.w1[c.clamp(min=0)][:, None, :]
-        top = a00 * (1 - wx) + a01 * wx
-        bottom = a10 * (1 - wx) + a11 * wx
-        value = top * (1 - wy) + bottom * wy  # (n, R, C)
-        valid = (r >= 0)[:, :, None] & (c >= 0)[:, None, :]
-        t = thr[k].double()[:, None, None]
-        m = margin[b, k, 0, 0].double()[:, None, None]
-        sure = valid & (value > t + m)
-        unsure = valid & (value >= t - m) & ~sure
-        for target, mask in ((out, sure), (None, unsure)):
-            n_idx, ry, cx = torch.nonzero(mask, as_tuple=True)
-            if n_idx.numel() == 0:
+    # Within one cell and one output row the bilinear value is linear in the column weight wx,
+    # and wx grows with the column: the row's active pixels form one interval, found in closed
+    # form (searchsorted on the cell's weights). Only the pixels of those intervals, plus the
+    # few within the rounding margin of T (settled exactly below), are ever materialized.
+    flat = maps.double()
+    iu, ju = ay.upper[ci], ax.upper[cj]
+    corners = torch.stack([flat[cb, ck, ci, cj], flat[cb, ck, ci, ju], flat[cb, ck, iu, cj],
+                           flat[cb, ck, iu, ju], thr[ck].double(), margin[cb, ck]], dim=1)
+    ny = ay.count[ci]
+    row_ends = torch.cumsum(ny, 0)
+    width = ax.members.shape[1]
+    # each cell's column weights, +inf past its last column (so searchsorted never lands there)
+    wx_table = torch.where(ax.members >= 0, ax.w1[ax.members.clamp(min=0)],
+                           torch.full_like(ax.members, torch.inf, dtype=torch.float64))
+    sure_parts: list[torch.Tensor] = []
+    unsure_parts: list[torch.Tensor] = []
+    n_cells, s = cb.numel(), 0
+    while s < n_cells:
+        base = int(row_ends[s - 1]) if s else 0
+        e = max(int(torch.searchsorted(row_ends, base + CHUNK_PIXELS, right=True)), s + 1)
+        cell = torch.repeat_interleave(torch.arange(s, e, device=dev), ny[s:e])
+        r_off = torch.arange(base, int(row_ends[e - 1]), device=dev) - (row_ends - ny)[cell]
+        row = ay.members.reshape(-1).index_select(0, ci[cell] * ay.members.shape[1] + r_off)
+        a00, a01, a10, a11, t, m = corners.index_select(0, cell).unbind(1)
+        wy = ay.w1.index_select(0, row)
+        base_v = a00 * (1 - wy) + a10 * wy  # value at wx = 0
+        slope = (a01 - a00) * (1 - wy) + (a11 - a10) * wy  # d value / d wx
+        col_cell = cj[cell]
+        seq = wx_table.index_select(0, col_cell)  # (n, width)
+        n_x = ax.count.index_select(0, col_cell)
+        up, down = slope > 0, slope < 0
+        safe = torch.where(up | down, slope, torch.ones_like(slope))
+        x_sure = ((t + m - base_v) / safe)[:, None].contiguous()
+        x_poss = ((t - m - base_v) / safe)[:, None].contiguous()
+        ss_r = torch.searchsorted(seq, x_sure, right=True)[:, 0]
+        ss_l = torch.searchsorted(seq, x_sure, right=False)[:, 0]
+        ps_l = torch.searchsorted(seq, x_poss, right=False)[:, 0]
+        ps_r = torch.searchsorted(seq, x_poss, right=True)[:, 0]
+        zero = torch.zeros_like(n_x)
+        flat_sure = base_v > t + m
+        flat_poss = base_v >= t - m
+        # [lo, hi) column ranges (positions within the cell) of sure and possible pixels
+        sure_lo = torch.where(up, ss_r, zero)
+        sure_hi = torch.where(up, n_x, torch.where(down, ss_l, torch.where(flat_sure, n_x, zero)))
+        poss_lo = torch.where(up, ps_l, zero)
+        poss_hi = torch.where(up, n_x, torch.where(down, ps_r, torch.where(flat_poss, n_x, zero)))
+        sure_lo, sure_hi = sure_lo.clamp(max=n_x), sure_hi.clamp(max=n_x)
+        poss_lo, poss_hi = poss_lo.clamp(max=n_x), poss_hi.clamp(max=n_x)
+        sure_hi = torch.maximum(sure_hi, sure_lo)
+        # the unsure pixels: possible but not sure (one side of the sure interval)
+        un_lo = torch.where(up, poss_lo, sure_hi)
+        un_hi = torch.where(up, torch.minimum(sure_lo, poss_hi), poss_hi)
+        un_hi = torch.maximum(un_hi, un_lo)
+        for parts, lo, hi in ((sure_parts, sure_lo, sure_hi), (unsure_parts, un_lo, un_hi)):
+            counts = hi - lo
+            if not bool((counts > 0).any()):
                 continue
-            coords = (b[n_idx], k[n_idx], r[n_idx, ry], c[n_idx, cx])
-            if target is None:
-                ambiguous.append(torch.stack(coords))
-            else:
-                for lst, v in zip(target, coords, strict=True):
-                    lst.append(v)
-    if ambiguous:
-        amb = torch.cat(ambiguous, dim=1)
-        keep = _settle(maps, thr, size, amb)
-        for lst, v in zip(out, amb[:, keep], strict=True):
-            lst.append(v)
-    if not out[0]:
-        empty = torch.empty(0, dtype=torch.long, device=dev)
-        return empty, empty, empty, empty
-    b, k, y, x = (torch.cat(lst) for lst in out)
+            owner = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts)
+            starts = torch.cumsum(counts, 0) - counts
+            pos = lo[owner] + torch.arange(int(counts.sum()), device=dev) - starts[owner]
+            col = ax.members.reshape(-1).index_select(0, col_cell[owner] * width + pos)
+            c_idx = cell.index_select(0, owner)
+            parts.append(torch.stack([cb.index_select(0, c_idx), ck.index_select(0, c_idx),
+                                      row.index_select(0, owner), col]))
+        s = e
+    found = torch.cat(sure_parts, dim=1) if sure_parts else empty.view(4, 0)
+    if unsure_parts:
+        amb = torch.cat(unsure_parts, dim=1)
+        found = torch.cat([found, amb[:, _settle(maps, thr, size, amb, cache)]], dim=1)
+    b, k, y, x = found
     return b, k, y, x
 
 
+def _single_maps_round_alike(maps: torch.Tensor, size: tuple[int, int], cache: dict) -> bool:
+    """Whether upsampling maps one at a time gives the same bits as a whole image's maps.
+
+    PyTorch's CPU kernel picks its loop by shape, and for some shapes the rounding differs;
+    this is checked once per layer geometry on a real image (the code path depends on the
+    shape, not the values).
+    """
+    B, K, h, w = maps.shape
+    key = ("single", K, h, w, size, str(maps.device))
+    if key not in cache:
+        one = maps[:1]
+        whole = F.interpolate(one, size=size, mode="bilinear", align_corners=False)
+        single = F.interpolate(one.reshape(K, 1, h, w), size=size, mode="bilinear",
+                               align_corners=False)
+        cache[key] = torch.equal(whole.reshape(K, *size), single[:, 0])
+    return cache[key]
+
+
 def _settle(
-    maps: torch.Tensor, thr: torch.Tensor, size: tuple[int, int], coords: torch.Tensor
+    maps: torch.Tensor,
+    thr: torch.Tensor,
+    size: tuple[int, int],
+    coords: torch.Tensor,
+    cache: dict,
 ) -> torch.Tensor:
-    """Decide pixels too close to call with F.interpolate itself on their images' maps."""
+    """Decide pixels too close to call with F.interpolate itself."""
+    B, K, h, w = maps.shape
     b, k, y, x = coords
+    if _single_maps_round_alike(maps, size, cache):
+        uniq, inverse = torch.unique(b * K + k, return_inverse=True)
+        dense = F.interpolate(maps.reshape(B * K, 1, h, w)[uniq], size=size, mode="bilinear",
+                              align_corners=False)[:, 0]
+        return dense[inverse, y, x] > thr[k]
     uniq, inverse = torch.unique(b, return_inverse=True)
     dense = F.interpolate(maps[uniq], size=size, mode="bilinear", align_corners=False)
     return dense[inverse, k, y, x] > thr[k]

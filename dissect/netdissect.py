@@ -94,6 +94,7 @@ class IoUTally:
         lut = torch.zeros(max(numbers, default=0) + 1, dtype=torch.int64)
         lut[torch.tensor(numbers, dtype=torch.int64)] = torch.arange(1, C + 1)
         self._lut = lut.to(self.device)  # label number -> column + 1 (0: not scored)
+        self._geometry: dict = {}  # active_pixels' per-layer cache
         cat_index = {c: i for i, c in enumerate(self.categories)}
         missing = {c.category for c in self.concepts} - set(cat_index)
         if missing:
@@ -149,7 +150,7 @@ class IoUTally:
         self.area += torch.bincount(codes.reshape(-1), minlength=C + 1)[1:]
         self.area += (img_hot.sum(dim=0) * (sh * sw)).round().long()
         # active pixels
-        b, k, y, x = active_pixels(maps.to(dev), thresholds.to(dev), (sh, sw))
+        b, k, y, x = active_pixels(maps.to(dev), thresholds.to(dev), (sh, sw), self._geometry)
         per_image = torch.bincount(b * K + k, minlength=B * K).view(B, K).double()
         ann = annotated.to(dev).double()
         self.active += (per_image.T @ ann).round().long()

@@ -52,3 +52,18 @@ def test_no_active_pixels():
     maps = torch.zeros(2, 3, 4, 4)
     b, k, y, x = active_pixels(maps, torch.ones(3), (8, 8))
     assert b.numel() == k.numel() == y.numel() == x.numel() == 0
+
+
+@pytest.mark.parametrize("shape, size", [((2, 8, 6, 6), (50, 50)), ((2, 16, 7, 7), (112, 112))])
+def test_settling_modes(shape, size):
+    # thresholds equal to upsampled values force settling; both settle paths must be exact
+    g = torch.Generator().manual_seed(7)
+    maps = torch.randn(*shape, generator=g)
+    up = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    thr = torch.stack([up[0, k].flatten()[(k * 31) % 400] for k in range(shape[1])])
+    cache: dict = {}
+    b, k, y, x = active_pixels(maps, thr, size, cache)
+    out = torch.zeros(*shape[:2], *size, dtype=torch.bool)
+    out[b, k, y, x] = True
+    torch.testing.assert_close(out, active_mask_dense(maps, thr, size))
+    assert any(key[0] == "single" for key in cache)
