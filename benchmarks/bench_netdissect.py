@@ -1,0 +1,577 @@
+"""Benchmark Network Dissection scoring: ours against a NetDissect-Lite port, and a ResNet-18 run.
+
+What it measures
+----------------
+Data: ``write_broden(SyntheticConcepts(N, size=224, seed=0))`` (JPEG images, 112 px label PNGs,
+like broden1_224), read back with ``Broden``; written once per run into a temp folder and reused.
+Layer: ResNet-18 (torchvision, seeded random init, eval) ``layer4``, 512 units of 7x7, captured
+over those images with ``dissect.hooks.capture(..., dtype="float32")`` and the transform
+``Preprocess().without_resize()`` (so activation maps stay aligned with the label pixels).
+
+1. **Ours vs NetDissect-Lite.** The same activations (the same HDF5 store) and the same
+   thresholds (``dissect.stats.exact_quantiles``, quantile 0.005) are scored by
+
+   - *ours*: the phases of ``dissect.netdissect.dissect`` run by hand as ``_dissect_store``
+     runs them (thresholds: ``exact_quantiles`` over the store; IoU: ``IoUTally.add`` per batch
+     of 64), and the whole ``dissect(store, broden, ["layer4"], progress=False)`` call;
+   - *lite*: a port, written here, of NetDissect-Lite's ``FeatureOperator.tally_job`` loop
+     (CSAILVision/NetDissect-Lite, ``feature_operation.py``): for every image, for every unit,
+     skip the unit when its map's max is not above the threshold, else upsample the map to the
+     segmentation size, take the pixels above the threshold, ``bincount`` the labels of all
+     label planes under them, and accumulate ``tally_both`` / ``tally_units`` /
+     ``tally_units_cat`` / ``tally_labels`` as Lite does. Upsampling is
+     ``F.interpolate(..., mode="bilinear", align_corners=False)`` (Lite used scipy's
+     ``imresize``), run once per image on its whole ``(1, 512, 7, 7)`` tensor before the unit
+     loop, because that is bit-identical to what ours computes;
+   - *lite-unit*: the same loop with Lite's own placement of the resize, inside the unit loop
+     and only for units that pass the max test (``(1, 1, 7, 7)`` tensors). Its counts are
+     checked too but a difference is only reported (PyTorch's CPU kernel may round differently
+     for another tensor shape on another machine).
+
+   Where Lite's definitions differ from ours, the port follows ours, so counts can be compared:
+   the active area ``A[k, cat]`` sums unit ``k``'s active pixels over the images on which
+   ``cat`` is annotated (Lite counted a category when an active pixel hit one of its labels),
+   and ``IoU = I / (A[k, cat(c)] + L[c] - I)`` (0 when the union is empty; Lite added 1e-10).
+   The ported accumulation otherwise is Lite's (float64 tallies, label planes concatenated,
+   image-level labels covering ``sh * sw`` pixels). Intersections, active areas, concept areas
+   and the IoU matrix must be identical to ours: the script raises if they are not and prints
+   ``identical counts: yes``. Lite's own threshold step (``np.percentile`` over the whole
+   float64 feature array) is timed too and compared with ours (reported, not required).
+
+   Both sides read the same batches the same way (rows of the store, ``Broden.annotations``
+   decoding the label PNGs); the tables split each IoU phase into *read* (that shared reading)
+   and *count* (ours: ``collate`` + ``IoUTally.add``; Lite: the per-image, per-unit loop). The
+   ratio is Lite's time over ours: IoU phase (read + count) and count alone. Target: >= 10x.
+2. **Peak memory.** Each method runs once more in a fresh subprocess of this script
+   (``--only ours|lite|lite-unit``; ``--quick`` skips lite-unit) and reports its peak RSS per
+   phase: Linux ``VmHWM``, reset with ``/proc/self/clear_refs`` before each phase, next to
+   the RSS before it; and ``ru_maxrss`` (on Linux a child's ``ru_maxrss`` starts at its
+   parent's RSS, so it is an upper bound here).
+3. **ResNet-18 end to end.** The time of each phase of a ``layer4`` dissection on the same
+   data: capture (model forward + HDF5 writes, run once), thresholds and IoU (medians).
+
+Repeats: 3 (full) or 1 (``--quick``); the methods alternate, their order rotating each repeat,
+and medians are reported (the IoU ratio of the minima too: the figure least disturbed by other
+processes). The load average is printed: on a shared machine, torch's intra-op threads suffer
+most from other busy processes (``--threads 1`` makes runs steadier), so read ratios, not
+absolute seconds.
+Timings are printed, never asserted: the script exits 0 unless something crashes (or the counts
+differ, which is a bug).
+
+How to run
+----------
+::
+
+    .venv/bin/python benchmarks/bench_netdissect.py            # full: 2,000 images
+    .venv/bin/python benchmarks/bench_netdissect.py --quick    # 300 images, about a minute
+    .venv/bin/python benchmarks/bench_netdissect.py --quick --profile   # + profile of ours
+    .venv/bin/python benchmarks/bench_netdissect.py --threads 1          # one torch thread
+    make bench                                                 # every benchmarks/bench_*.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import logging
+import os
+import platform
+import pstats
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dissect.datasets import Broden, SyntheticConcepts, collate, write_broden  # noqa: E402
+from dissect.hooks import capture  # noqa: E402
+from dissect.netdissect import IoUTally, dissect  # noqa: E402
+from dissect.stats import exact_quantiles  # noqa: E402
+from dissect.store import ActivationStore  # noqa: E402
+
+LAYER = "layer4"
+QUANTILE = 0.005
+BATCH = 64
+TARGET = 10.0
+METHODS = ("ours", "lite", "lite-unit")
+
+
+# --------------------------------------------------------------------------- machine, memory
+
+
+def machine_text() -> str:
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = ", load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+    return (
+        f"machine: {platform.machine()}, os.cpu_count()={os.cpu_count()}, "
+        f"torch threads {torch.get_num_threads()}, python {platform.python_version()}, "
+        f"torch {torch.__version__}, numpy {np.__version__}, device cpu{load}"
+    )
+
+
+def status_mib(key: str) -> float | None:
+    """A ``/proc/self/status`` field (``VmRSS``, ``VmHWM``) in MiB, or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def maxrss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_model() -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None).eval()
+
+
+def open_broden(root: Path) -> Broden:
+    from dissect.models import Preprocess
+
+    broden = Broden(root)
+    broden.transform = Preprocess().without_resize()
+    return broden
+
+
+class Clock:
+    """Accumulates the wall time spent reading batches and counting them."""
+
+    def __init__(self) -> None:
+        self.read = self.count = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.read + self.count
+
+
+def read_batches(
+    store: ActivationStore, broden: Broden, clock: Clock, batch_size: int = BATCH
+) -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
+    """Store rows in order with their annotations: ``(maps (b, K, h, w) float32, items)``."""
+    ds, index = store[LAYER], store.index
+    for start in range(0, len(index), batch_size):
+        t0 = time.perf_counter()
+        stop = min(start + batch_size, len(index))
+        maps = np.asarray(ds[start:stop], dtype=np.float32)
+        items = [broden.annotations(int(i)) for i in index[start:stop]]
+        clock.read += time.perf_counter() - t0
+        yield maps, items
+
+
+# --------------------------------------------------------------------------- ours
+
+
+def ours_thresholds(store: ActivationStore) -> np.ndarray:
+    """Thresholds exactly as ``_dissect_store`` computes them."""
+    ds = store[LAYER]
+    n, units, h, w = ds.shape
+    read = min(len(store), max(1, (1 << 24) // max(1, units * h * w)))
+
+    def batches() -> Iterator[torch.Tensor]:
+        for block in store.iter(LAYER, read):
+            yield block.transpose(0, 1).reshape(block.shape[1], -1)
+
+    return exact_quantiles(batches, units, n * h * w, 1 - QUANTILE, dtype=np.dtype(ds.dtype))
+
+
+def ours_iou(store: ActivationStore, broden: Broden, thr: np.ndarray, clock: Clock) -> IoUTally:
+    """The IoU phase of ``_dissect_store``: one ``IoUTally.add`` per batch."""
+    units = store[LAYER].shape[1]
+    concepts = [c for c in broden.concepts if c.number != 0]
+    tally = IoUTally(units, concepts, list(broden.categories))
+    thr_t = torch.from_numpy(thr.astype(np.float32))
+    for maps, items in read_batches(store, broden, clock):
+        t0 = time.perf_counter()
+        batch = collate(items)
+        tally.add(torch.from_numpy(maps), thr_t, batch["pixel_labels"], batch["image_labels"],
+                  batch["annotated"])
+        clock.count += time.perf_counter() - t0
+    return tally
+
+
+# --------------------------------------------------------------------------- NetDissect-Lite port
+
+
+class LiteTally:
+    """NetDissect-Lite's tallies (float64, columns indexed by label number)."""
+
+    def __init__(self, units: int, broden: Broden) -> None:
+        labels = max(broden.labels) + 1  # Lite: len(data.label), row 0 included
+        self.categories = list(broden.categories)
+        self.tally_both = np.zeros((units, labels), dtype=np.float64)
+        self.tally_units = np.zeros(units, dtype=np.float64)
+        self.tally_units_cat = np.zeros((units, len(self.categories)), dtype=np.float64)
+        self.tally_labels = np.zeros(labels, dtype=np.float64)
+        self.concepts = [c for c in broden.concepts if c.number != 0]
+
+    def counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``I (K, C)``, ``A (K, n_categories)``, ``L (C,)`` in our column order, int64."""
+        cols = [c.number for c in self.concepts]
+        return (self.tally_both[:, cols].astype(np.int64),
+                self.tally_units_cat.astype(np.int64),
+                self.tally_labels[cols].astype(np.int64))
+
+    def iou(self) -> np.ndarray:
+        """Our formula: ``I / (A[k, cat(c)] + L[c] - I)``, 0 where the union is empty."""
+        cols = [c.number for c in self.concepts]
+        cat = [self.categories.index(c.category) for c in self.concepts]
+        inter = self.tally_both[:, cols]
+        union = self.tally_units_cat[:, cat] + self.tally_labels[cols][None] - inter
+        return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
+def lite_iou(
+    store: ActivationStore, broden: Broden, thr: np.ndarray, clock: Clock, per_unit: bool
+) -> LiteTally:
+    """Port of ``FeatureOperator.tally_job``: a Python loop over images, then over units."""
+    units = store[LAYER].shape[1]
+    t = LiteTally(units, broden)
+    for maps, items in read_batches(store, broden, clock):
+        t0 = time.perf_counter()
+        for features, concept_map in zip(maps, items, strict=True):
+            pixels = concept_map["pixel_labels"].numpy()  # (P, sh, sw), planes concatenated
+            scalars = concept_map["image_labels"].tolist()
+            annotated = concept_map["annotated"].numpy()
+            sh, sw = pixels.shape[-2:]
+            for scalar in scalars:
+                t.tally_labels[scalar] += sh * sw
+            if len(pixels):
+                tally_label = np.bincount(pixels.ravel())
+                tally_label[0] = 0
+                t.tally_labels[: len(tally_label)] += tally_label
+            maps_t = torch.from_numpy(features)[None]  # (1, K, h, w)
+            if not per_unit:
+                up = F.interpolate(maps_t, size=(sh, sw), mode="bilinear",
+                                   align_corners=False)[0].numpy()
+            for unit_id in range(units):
+                feature_map = features[unit_id]
+                if feature_map.max() > thr[unit_id]:
+                    if per_unit:
+                        mask = F.interpolate(maps_t[:, unit_id : unit_id + 1], size=(sh, sw),
+                                             mode="bilinear", align_corners=False)[0, 0].numpy()
+                    else:
+                        mask = up[unit_id]
+                    indexes = np.argwhere(mask > thr[unit_id])
+                    t.tally_units[unit_id] += len(indexes)
+                    if len(pixels) > 0:
+                        tally_bt = np.bincount(pixels[:, indexes[:, 0], indexes[:, 1]].ravel())
+                        if len(tally_bt) > 0:
+                            tally_bt[0] = 0
+                        t.tally_both[unit_id, : len(tally_bt)] += tally_bt
+                    for scalar in scalars:
+                        t.tally_both[unit_id, scalar] += len(indexes)
+                    t.tally_units_cat[unit_id] += len(indexes) * annotated  # ours: annotated
+        clock.count += time.perf_counter() - t0
+    return t
+
+
+def lite_thresholds(store: ActivationStore) -> np.ndarray:
+    """Lite's ``quantile_threshold``: ``np.percentile`` over the whole float64 features."""
+    features = np.asarray(store[LAYER][:], dtype=np.float64)  # Lite: a float64 memmap
+    return np.percentile(features, 100 * (1 - QUANTILE), axis=(0, 2, 3))
+
+
+def check_identical(tally: IoUTally, lite: LiteTally, name: str, strict: bool) -> bool:
+    inter, active, area = lite.counts()
+    same = {
+        "intersection": np.array_equal(inter, tally.intersection.numpy()),
+        "active area": np.array_equal(active, tally.active.numpy()),
+        "concept area": np.array_equal(area, tally.area.numpy()),
+        "IoU": np.array_equal(lite.iou(), tally.result()),
+    }
+    if all(same.values()):
+        return True
+    bad = ", ".join(k for k, v in same.items() if not v)
+    diff = int(np.abs(inter - tally.intersection.numpy()).sum())
+    message = f"{name}: counts differ from ours ({bad}; |I - I_ours| summed: {diff})"
+    if strict:
+        raise AssertionError(message)
+    print(f"WARNING {message}")
+    return False
+
+
+# --------------------------------------------------------------------------- subprocess memory
+
+
+def run_only(method: str, store_path: Path, data: Path, thr_path: Path) -> dict[str, Any]:
+    """One run of ``method`` in this (fresh) process; peak RSS per phase."""
+    store = ActivationStore(store_path)
+    broden = open_broden(data)
+    thr = np.load(thr_path)
+    _ = store.index, store[LAYER].shape  # open the file before the baseline
+    out: dict[str, Any] = {"method": method, "rss_before": status_mib("VmRSS")}
+    can_reset = reset_peak()
+    t0 = time.perf_counter()
+    if method == "ours":
+        ours_thresholds(store)
+    else:
+        lite_thresholds(store)
+    out["thr_s"] = time.perf_counter() - t0
+    out["thr_peak"] = status_mib("VmHWM") if can_reset else None
+    can_reset = reset_peak()
+    out["rss_before_iou"] = status_mib("VmRSS")
+    clock = Clock()
+    if method == "ours":
+        ours_iou(store, broden, thr, clock)
+    else:
+        lite_iou(store, broden, thr, clock, per_unit=method == "lite-unit")
+    out["iou_s"] = clock.total
+    out["iou_peak"] = status_mib("VmHWM") if can_reset else None
+    out["hwm"] = status_mib("VmHWM")
+    out["maxrss"] = maxrss_mib()
+    return out
+
+
+def measure_memory(method: str, store_path: Path, data: Path, thr_path: Path) -> dict | None:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", method,
+           "--store", str(store_path), "--data", str(data), "--thresholds", str(thr_path),
+           "--threads", str(torch.get_num_threads())]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    print(f"memory run of {method} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return None
+
+
+# --------------------------------------------------------------------------- report helpers
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def mib(value: float | None) -> str:
+    return f"{value:8.0f}" if value is not None else f"{'n/a':>8}"
+
+
+def profile_ours(store: ActivationStore, broden: Broden, thr: np.ndarray) -> str:
+    """cProfile of one IoU phase of ours, then torch's operator table of another (cProfile
+    cannot see inside the tensor expressions of ``active_pixels``)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    ours_iou(store, broden, thr, Clock())
+    profiler.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(20)
+    stats.sort_stats("cumulative").print_stats("dissect/", 20)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ours_iou(store, broden, thr, Clock())
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return text.getvalue() + "\ntorch operators (one more run)\n" + table
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - t0, value
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="300 images, 1 repeat (~1 min)")
+    parser.add_argument("--n", type=int, help="images (default 2000, 300 with --quick)")
+    parser.add_argument("--repeats", type=int, help="timed repeats (default 3, 1 with --quick)")
+    parser.add_argument("--profile", action="store_true", help="cProfile ours' IoU phase")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--thresholds", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.only:
+        print("RESULT " + json.dumps(run_only(args.only, args.store, args.data, args.thresholds)))
+        return 0
+
+    n = args.n or (300 if args.quick else 2000)
+    repeats = args.repeats or (1 if args.quick else 3)
+    mode = "quick" if args.quick else "full"
+    print(f"bench_netdissect ({mode}; {n} images, {repeats} repeat(s))")
+    print(machine_text())
+
+    with tempfile.TemporaryDirectory(prefix="bench_netdissect_") as tmp:
+        root = Path(tmp) / "broden"
+        write_s, _ = timed(lambda: write_broden(SyntheticConcepts(n, size=224, seed=0), root,
+                                                image_format="jpg"))
+        broden = open_broden(root)
+        model = make_model()
+        store_path = Path(tmp) / "layer4.h5"
+        capture_s, store = timed(lambda: capture(model, broden, [LAYER], store_path,
+                                                 dtype="float32", progress=False))
+        units, h, w = store[LAYER].shape[1:]
+        sh, sw = broden.annotations(0)["pixel_labels"].shape[-2:]
+        print(f"data: {n} Broden-format images (224 px, {sh}x{sw} labels, "
+              f"{len(broden.concepts)} concepts in {len(broden.categories)} categories); "
+              f"layer {LAYER}: {units} units of {h}x{w}; write_broden {write_s:.1f} s")
+
+        times: dict[str, list[float]] = {k: [] for k in (
+            "ours thr", "lite thr", "ours read", "ours count", "lite read", "lite count",
+            "lite-unit read", "lite-unit count", "ours call")}
+        thr = ours_thresholds(store)
+        lite_unit_ok = True
+        for r in range(repeats):
+            steps = ["ours", "lite", "lite-unit", "call"]
+            steps = steps[r % len(steps):] + steps[: r % len(steps)]
+            for step in steps:
+                if step == "ours":
+                    seconds, thr = timed(lambda: ours_thresholds(store))
+                    times["ours thr"].append(seconds)
+                    clock = Clock()
+                    tally = ours_iou(store, broden, thr, clock)
+                    times["ours read"].append(clock.read)
+                    times["ours count"].append(clock.count)
+                elif step == "call":
+                    seconds, result = timed(
+                        lambda: dissect(store, broden, [LAYER], quantile=QUANTILE,
+                                        batch_size=BATCH, progress=False))
+                    times["ours call"].append(seconds)
+                elif step == "lite":
+                    seconds, lite_thr = timed(lambda: lite_thresholds(store))
+                    times["lite thr"].append(seconds)
+                    clock = Clock()
+                    lite = lite_iou(store, broden, thr, clock, per_unit=False)
+                    times["lite read"].append(clock.read)
+                    times["lite count"].append(clock.count)
+                else:
+                    clock = Clock()
+                    lite_unit = lite_iou(store, broden, thr, clock, per_unit=True)
+                    times["lite-unit read"].append(clock.read)
+                    times["lite-unit count"].append(clock.count)
+            # correctness (not timing): identical thresholds, counts and IoU
+            if not np.array_equal(result.thresholds(LAYER), thr) or not np.array_equal(
+                result.iou(LAYER), tally.result()
+            ):
+                raise AssertionError("dissect() and its phases run by hand disagree")
+            check_identical(tally, lite, "lite", strict=True)
+            lite_unit_ok &= check_identical(tally, lite_unit, "lite-unit", strict=False)
+
+        profile_text = profile_ours(store, broden, thr) if args.profile else ""
+        memory: dict[str, dict | None] = {}
+        if not args.no_memory:
+            thr_path = Path(tmp) / "thresholds.npy"
+            np.save(thr_path, thr)
+            store.close()
+            for method in METHODS[:2] if args.quick else METHODS:
+                memory[method] = measure_memory(method, store_path, root, thr_path)
+        else:
+            store.close()
+
+    med = {k: median(v) for k, v in times.items()}
+    thr_same = np.array_equal(lite_thr.astype(thr.dtype), thr)
+    denom = np.maximum(np.abs(lite_thr), np.finfo(np.float32).tiny)
+    thr_diff = float(np.max(np.abs(lite_thr - thr.astype(np.float64)) / denom))
+    print("identical counts: yes (lite: intersections, active areas, concept areas and IoU "
+          "equal to ours)")
+    print(f"identical counts, lite-unit: {'yes' if lite_unit_ok else 'NO (see warning)'}")
+    print(f"Lite's np.percentile thresholds equal to ours: {'yes' if thr_same else 'no'} "
+          f"(max relative difference {thr_diff:.1e})")
+    print()
+    print(f"1. scoring {LAYER} ({units} units), {n} images, median of {repeats} "
+          "(seconds; read = store rows + label PNGs, shared code)")
+    print(f"{'method':<34} {'thresholds':>10} {'read':>7} {'count':>8} {'IoU phase':>9} "
+          f"{'total':>8}")
+    rows = [
+        ("ours (exact_quantiles + IoUTally)", "ours thr", "ours"),
+        ("NetDissect-Lite port (per image)", "lite thr", "lite"),
+        ("NetDissect-Lite port (per unit)", "lite thr", "lite-unit"),
+    ]
+    for label, thr_key, key in rows:
+        iou_s = med[f"{key} read"] + med[f"{key} count"]
+        print(f"{label:<34} {med[thr_key]:>10.2f} {med[f'{key} read']:>7.2f} "
+              f"{med[f'{key} count']:>8.2f} {iou_s:>9.2f} {med[thr_key] + iou_s:>8.2f}")
+    print(f"{'ours: the whole dissect() call':<34} {'':>10} {'':>7} {'':>8} {'':>9} "
+          f"{med['ours call']:>8.2f}")
+    ours_iou_s = med["ours read"] + med["ours count"]
+    print()
+    print(f"ratio (Lite time / ours, medians; target >= {TARGET:.0f}x):")
+    ours_min = min(map(sum, zip(times["ours read"], times["ours count"], strict=True)))
+    for label, key in (("port, per image", "lite"), ("port, per unit", "lite-unit")):
+        iou_ratio = (med[f"{key} read"] + med[f"{key} count"]) / ours_iou_s
+        count_ratio = med[f"{key} count"] / med["ours count"]
+        total_ratio = (med["lite thr"] + med[f"{key} read"] + med[f"{key} count"]) / (
+            med["ours thr"] + ours_iou_s)
+        lite_min = min(map(sum, zip(times[f"{key} read"], times[f"{key} count"], strict=True)))
+        print(f"  {label:<16} IoU phase {iou_ratio:6.2f}x   count only {count_ratio:6.2f}x   "
+              f"thresholds + IoU {total_ratio:6.2f}x   (IoU phase, minima: "
+              f"{lite_min / ours_min:.2f}x)")
+
+    if memory:
+        print()
+        print("2. peak memory, one run in a fresh subprocess (MiB; VmHWM reset before each phase)")
+        print(f"{'method':<12} {'RSS before':>10} {'thr peak':>8} {'IoU peak':>8} "
+              f"{'IoU growth':>10} {'IoU s':>7} {'ru_maxrss':>9}")
+        for method in memory:
+            m = memory[method]
+            if m is None:
+                print(f"{method:<12} failed")
+                continue
+            growth = (m["iou_peak"] - m["rss_before_iou"]) if m["iou_peak"] else None
+            print(f"{method:<12} {mib(m['rss_before']):>10} {mib(m['thr_peak'])} "
+                  f"{mib(m['iou_peak'])} {mib(growth):>10} {m['iou_s']:>7.2f} "
+                  f"{mib(m['maxrss']):>9}")
+        print("  (ru_maxrss of a child starts at the parent's RSS on Linux: an upper bound)")
+
+    e2e = capture_s + med["ours thr"] + ours_iou_s
+    print()
+    print(f"3. ResNet-18 (random init, eval) {LAYER} dissection end to end, {n} images")
+    print(f"{'phase':<40} {'seconds':>8} {'images/s':>9}")
+    for label, seconds in (
+        ("capture (forward + HDF5, float32, once)", capture_s),
+        ("thresholds (exact_quantiles)", med["ours thr"]),
+        ("IoU (read + IoUTally)", ours_iou_s),
+        ("total", e2e),
+    ):
+        print(f"{label:<40} {seconds:>8.2f} {n / seconds:>9.1f}")
+    if profile_text:
+        print()
+        print("cProfile of ours' IoU phase (one run)")
+        print(profile_text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
