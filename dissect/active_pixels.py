@@ -35,6 +35,8 @@ class _Axis:
     w1: torch.Tensor  # (S,) weight of the upper index for every output coordinate, float64
     members: torch.Tensor  # (s, R) output coordinates of each cell, -1 padded
     count: torch.Tensor  # (s,) number of output coordinates of each cell
+    start: torch.Tensor  # (s,) first output coordinate of each cell
+    keys: torch.Tensor  # (S,) 4 * cell + weight: ascending, each cell's weights in its own band
 
 
 def _axis(in_size: int, out_size: int, device: torch.device) -> _Axis:
@@ -49,7 +51,7 @@ def _axis(in_size: int, out_size: int, device: torch.device) -> _Axis:
     offset = torch.arange(out_size, device=device) - start[cell]
     members[cell, offset] = torch.arange(out_size, device=device)
     upper = (torch.arange(in_size, device=device) + 1).clamp(max=in_size - 1)
-    return _Axis(upper, w1, members, counts)
+    return _Axis(upper, w1, members, counts, start, 4.0 * cell.double() + w1)
 
 
 def active_pixels(
@@ -91,7 +93,10 @@ def active_pixels(
     ay, ax = cache[key]
     # largest corner of every cell (cells at the border repeat their last row/column)
     padded = F.pad(maps, (0, 1, 0, 1), mode="replicate")
-    cell_max = F.max_pool2d(padded, kernel_size=2, stride=1)
+    cell_max = torch.maximum(
+        torch.maximum(padded[..., :-1, :-1], padded[..., 1:, :-1]),
+        torch.maximum(padded[..., :-1, 1:], padded[..., 1:, 1:]),
+    )
     scale = padded.abs().amax(dim=(2, 3))  # (B, K)
     margin = EPS32 * (2 * (max(h, w) + 1) + 8) * scale.double() + 1e-30
     cand = cell_max >= thr.view(1, K, 1, 1) - margin.float()[:, :, None, None]
@@ -103,16 +108,16 @@ def active_pixels(
     # and wx grows with the column: the row's active pixels form one interval, found in closed
     # form (searchsorted on the cell's weights). Only the pixels of those intervals, plus the
     # few within the rounding margin of T (settled exactly below), are ever materialized.
-    flat = maps.double()
-    iu, ju = ay.upper[ci], ax.upper[cj]
-    corners = torch.stack([flat[cb, ck, ci, cj], flat[cb, ck, ci, ju], flat[cb, ck, iu, cj],
-                           flat[cb, ck, iu, ju], thr[ck].double(), margin[cb, ck]], dim=1)
+    flat = maps.double().reshape(-1)
+    plane = (cb * K + ck) * (h * w)
+    top, bottom = plane + ci * w, plane + ay.upper[ci] * w
+    ju = ax.upper[cj]
+    corners = torch.stack([flat.index_select(0, top + cj), flat.index_select(0, top + ju),
+                           flat.index_select(0, bottom + cj), flat.index_select(0, bottom + ju),
+                           thr.double().index_select(0, ck),
+                           margin.reshape(-1).index_select(0, cb * K + ck)], dim=1)
     ny = ay.count[ci]
     row_ends = torch.cumsum(ny, 0)
-    width = ax.members.shape[1]
-    # each cell's column weights, +inf past its last column (so searchsorted never lands there)
-    wx_table = torch.where(ax.members >= 0, ax.w1[ax.members.clamp(min=0)],
-                           torch.full_like(ax.members, torch.inf, dtype=torch.float64))
     sure_parts: list[torch.Tensor] = []
     unsure_parts: list[torch.Tensor] = []
     n_cells, s = cb.numel(), 0
@@ -120,23 +125,28 @@ def active_pixels(
         base = int(row_ends[s - 1]) if s else 0
         e = max(int(torch.searchsorted(row_ends, base + CHUNK_PIXELS, right=True)), s + 1)
         cell = torch.repeat_interleave(torch.arange(s, e, device=dev), ny[s:e])
-        r_off = torch.arange(base, int(row_ends[e - 1]), device=dev) - (row_ends - ny)[cell]
-        row = ay.members.reshape(-1).index_select(0, ci[cell] * ay.members.shape[1] + r_off)
+        r_off = torch.arange(base, int(row_ends[e - 1]), device=dev) - (row_ends - ny).index_select(
+            0, cell)
+        row = ay.start.index_select(0, ci.index_select(0, cell)) + r_off
         a00, a01, a10, a11, t, m = corners.index_select(0, cell).unbind(1)
         wy = ay.w1.index_select(0, row)
         base_v = a00 * (1 - wy) + a10 * wy  # value at wx = 0
         slope = (a01 - a00) * (1 - wy) + (a11 - a10) * wy  # d value / d wx
-        col_cell = cj[cell]
-        seq = wx_table.index_select(0, col_cell)  # (n, width)
+        col_cell = cj.index_select(0, cell)
         n_x = ax.count.index_select(0, col_cell)
+        first = ax.start.index_select(0, col_cell)
         up, down = slope > 0, slope < 0
         safe = torch.where(up | down, slope, torch.ones_like(slope))
-        x_sure = ((t + m - base_v) / safe)[:, None].contiguous()
-        x_poss = ((t - m - base_v) / safe)[:, None].contiguous()
-        ss_r = torch.searchsorted(seq, x_sure, right=True)[:, 0]
-        ss_l = torch.searchsorted(seq, x_sure, right=False)[:, 0]
-        ps_l = torch.searchsorted(seq, x_poss, right=False)[:, 0]
-        ps_r = torch.searchsorted(seq, x_poss, right=True)[:, 0]
+        # the weight where the value crosses T +- m, in this cell's band of the axis keys
+        # (weights lie in [0, 1]; clamping to [-1, 2] keeps every comparison and the band)
+        band = 4.0 * col_cell.double()
+        x_sure = band + ((t + m - base_v) / safe).clamp(-1.0, 2.0)
+        x_poss = band + ((t - m - base_v) / safe).clamp(-1.0, 2.0)
+
+        ss_r = torch.searchsorted(ax.keys, x_sure, right=True) - first
+        ss_l = torch.searchsorted(ax.keys, x_sure, right=False) - first
+        ps_l = torch.searchsorted(ax.keys, x_poss, right=False) - first
+        ps_r = torch.searchsorted(ax.keys, x_poss, right=True) - first
         zero = torch.zeros_like(n_x)
         flat_sure = base_v > t + m
         flat_poss = base_v >= t - m
@@ -158,8 +168,9 @@ def active_pixels(
                 continue
             owner = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts)
             starts = torch.cumsum(counts, 0) - counts
-            pos = lo[owner] + torch.arange(int(counts.sum()), device=dev) - starts[owner]
-            col = ax.members.reshape(-1).index_select(0, col_cell[owner] * width + pos)
+            pos = (lo - starts).index_select(0, owner) + torch.arange(int(counts.sum()),
+                                                                     device=dev)
+            col = first.index_select(0, owner) + pos
             c_idx = cell.index_select(0, owner)
             parts.append(torch.stack([cb.index_select(0, c_idx), ck.index_select(0, c_idx),
                                       row.index_select(0, owner), col]))

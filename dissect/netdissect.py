@@ -156,7 +156,8 @@ class IoUTally:
         self.active += (per_image.T @ ann).round().long()
         self.intersection += (per_image.T @ img_hot).round().long()
         if codes.shape[1]:
-            hit = codes[b, :, y, x]  # (n, P)
+            per_pixel = codes.permute(0, 2, 3, 1).reshape(-1, codes.shape[1])  # (B*sh*sw, P)
+            hit = per_pixel.index_select(0, (b * sh + y) * sw + x)  # (n, P)
             flat = (k[:, None] * (C + 1) + hit).reshape(-1)
             counts = torch.bincount(flat, minlength=K * (C + 1)).view(K, C + 1)
             self.intersection += counts[:, 1:]
