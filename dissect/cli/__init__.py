@@ -1,0 +1,73 @@
+"""The ``dissect`` command: argparse subcommands that wire the library together.
+
+No analysis logic lives here. Each subcommand is a module of this package with
+``HELP``, ``add_parser(sub)`` and ``run(args)``; ``COMMANDS`` lists them in the
+order ``dissect --help`` shows. A library error (:class:`~dissect.errors.DissectError`)
+becomes one line on stderr and exit code 1; a usage error is argparse's one line
+and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..errors import DissectError
+
+COMMANDS = ("layers", "capture", "netdissect", "attribute", "demo")
+
+EPILOG = """examples:
+  dissect layers mobilenet_v2-imagenet --input-size 224
+  dissect capture mobilenet_v2-imagenet --data samples --layers features.6,features.13 \\
+      --out acts.h5 --pool mean
+  dissect capture torchvision:resnet18 --weights r18.pth --data ./images --layers layer4 \\
+      --out r18.h5 --device cuda
+  dissect netdissect torchvision:resnet18 --weights r18.pth --dataset broden:broden1_224 \\
+      --layers layer3,layer4 --out r18-dissect --device cuda
+  dissect attribute mobilenet_v2-imagenet --image samples --method ig --out maps
+  dissect attribute torchvision:resnet18 --weights r18.pth --image cat.jpg --method gradcam \\
+      --target 281 --out maps --device cuda
+  dissect demo --out demo-out
+
+run `dissect COMMAND --help` for a command's options.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dissect`` argument parser (exposed for documentation and tests)."""
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="dissect",
+        description="Open trained PyTorch networks layer by layer.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"torch-dissect {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        module = importlib.import_module(f"{__name__}.{name}")
+        module.add_parser(sub).set_defaults(func=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dissect`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except DissectError as exc:
+        sys.stderr.write(f"dissect {args.command}: error: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; a rerun of the same command resumes where it stopped\n")
+        return 130

@@ -1,0 +1,42 @@
+"""``dissect layers``: every layer of a model with its type and output shape."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ._common import add_common, add_model_args, out
+
+HELP = "list a model's layer names and output shapes"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register the subcommand on ``sub`` (an argparse subparsers object)."""
+    p = sub.add_parser("layers", help=HELP, description=HELP)
+    add_model_args(p)
+    p.add_argument("--input-size", type=int, default=224, help="square input side (224)")
+    add_common(p, batch=1)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print every layer with its type and output shape for one input."""
+    from .._device import resolve_device
+    from ..hooks import Trace, layer_names
+    from ..models import load_model
+
+    model, _ = load_model(args.model, args.weights)
+    dev = resolve_device(args.device)
+    model.to(dev)
+    names = layer_names(model)
+    modules = dict(model.named_modules())
+    x = torch.zeros(1, 3, args.input_size, args.input_size, device=dev)
+    with torch.inference_mode(), Trace(model, names, transform=lambda n, t: tuple(t.shape)) as tr:
+        model(x)
+    width = max(len(n) for n in names)
+    for name in names:
+        shape = tr.outputs.get(name)
+        shown = "x".join(str(s) for s in shape[1:]) if shape else "(not run)"
+        out(f"{name:<{width}}  {type(modules[name]).__name__:<22} {shown}")
+    return 0

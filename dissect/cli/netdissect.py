@@ -1,0 +1,54 @@
+"""``dissect netdissect``: capture (or reuse) a store, score units against concepts."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._common import add_common, add_model_args, out, split_list
+
+HELP = "Network Dissection: label units with concepts"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register the subcommand on ``sub`` (an argparse subparsers object)."""
+    p = sub.add_parser("netdissect", help=HELP, description=HELP)
+    add_model_args(p)
+    p.add_argument("--dataset", required=True, help="broden:PATH, synthetic[:N] or a Broden folder")
+    p.add_argument("--layers", required=True, help="comma-separated layer names")
+    p.add_argument("--out", required=True, type=Path, help="output folder (store, CSV, JSON)")
+    p.add_argument("--quantile", type=float, default=0.005, help="top activation share (0.005)")
+    p.add_argument("--iou-threshold", type=float, default=0.04, help="detector IoU (0.04)")
+    p.add_argument("--categories", default=None, help="comma-separated categories (all)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                   help="stored activation dtype (float16)")
+    add_common(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Capture (or reuse) a store over a concept dataset, score it, write CSV/JSON."""
+    from ..datasets import open_dataset
+    from ..hooks import capture
+    from ..models import Preprocess, load_model
+    from ..netdissect import dissect
+
+    model, transform = load_model(args.model, args.weights)
+    data = open_dataset(args.dataset)
+    # keep pixels aligned with the segmentation: normalization only, no resize or crop
+    data.transform = transform.without_resize() if isinstance(transform, Preprocess) else transform
+    layers = split_list(args.layers)
+    args.out.mkdir(parents=True, exist_ok=True)
+    store = capture(model, data, layers, args.out / "activations.h5", batch_size=args.batch_size,
+                    dtype=args.dtype, device=args.device, num_workers=args.num_workers,
+                    progress=not args.quiet)
+    categories = split_list(args.categories) if args.categories else None
+    result = dissect(store, data, layers, quantile=args.quantile,
+                     iou_threshold=args.iou_threshold, categories=categories,
+                     batch_size=args.batch_size, device=args.device, progress=not args.quiet,
+                     num_workers=args.num_workers)
+    result.to_csv(args.out)
+    result.to_json(args.out / "netdissect.json")
+    out(result.summary())
+    out(f"wrote {args.out / 'netdissect.json'} and one CSV per layer in {args.out}")
+    return 0
