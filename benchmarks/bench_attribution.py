@@ -75,12 +75,19 @@ IMPLS = ("dissect", "captum")
 # --------------------------------------------------------------------------- the runs
 
 
-def load_batch(n: int, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor, list[int]]:
-    """MobileNetV2 (ImageNet), ``n`` real photographs (cycled if fewer), their top-1 classes."""
+def load_batch(n: int, device: torch.device, channels_last: bool = False
+               ) -> tuple[torch.nn.Module, torch.Tensor, list[int]]:
+    """MobileNetV2 (ImageNet), ``n`` real photographs (cycled if fewer), their top-1 classes.
+
+    With ``channels_last`` the batch is in channels-last memory format (both implementations
+    get the same tensor; both keep the format through their perturbed rows).
+    """
     model, transform = load_model("mobilenet_v2-imagenet")
     model.to(device)
     data = SampleImages(transform)
     x = torch.stack([data[i % len(data)]["image"] for i in range(n)]).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         targets = model(x).argmax(1).tolist()
     return model, x, targets
@@ -209,7 +216,7 @@ def memory_child(args: argparse.Namespace) -> None:
     """Body of ``--memory-child METHOD IMPL``: one call, then a JSON line on stdout."""
     method, impl = args.memory_child
     device = torch.device(args.device)
-    model, x, targets = load_batch(args.images, device)
+    model, x, targets = load_batch(args.images, device, args.channels_last)
     fn = make_call(method, impl, model, x, targets, args)
     gc.collect()
     reset = _reset_peak()
@@ -232,6 +239,7 @@ def spawn_memory(method: str, impl: str, args: argparse.Namespace) -> dict:
     cmd += ["--device", args.device, "--images", str(args.images), "--steps", str(args.steps)]
     cmd += ["--batch-size", str(args.batch_size), "--window", str(args.window)]
     cmd += ["--stride", str(args.stride), "--threads", str(torch.get_num_threads())]
+    cmd += ["--channels-last"] if args.channels_last else []
     print(f"  memory run: {method} {impl} ...", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
@@ -334,6 +342,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass, both (32)")
     p.add_argument("--repeats", type=int, default=3, help="alternating timed repeats (3)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--channels-last", action="store_true",
+                   help="give both implementations a channels-last batch (faster CPU kernels)")
     p.add_argument("--skip-memory", action="store_true", help="no memory subprocesses")
     p.add_argument("--methods", default=",".join(METHODS), help="ig,occlusion")
     p.add_argument("--memory-child", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -375,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         print("memory runs (one fresh subprocess each):", flush=True)
         memory = [spawn_memory(m, impl, args) for m in args.methods for impl in IMPLS]
 
-    model, x, targets = load_batch(args.images, device)
+    model, x, targets = load_batch(args.images, device, args.channels_last)
     print(f"timed runs: MobileNetV2 (ImageNet), {args.images} real photographs "
           f"{tuple(x.shape)}, top-1 targets {targets}", flush=True)
     results = [time_method(m, model, x, targets, args) for m in args.methods]

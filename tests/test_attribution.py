@@ -336,6 +336,31 @@ def test_batch_size_only_bounds_memory():
             torch.testing.assert_close(other, results[0], rtol=1e-12, atol=1e-14, msg=name)
 
 
+def test_channels_last_inputs_keep_their_format_and_results():
+    """A channels-last batch stays channels-last through the perturbed rows (faster kernels)."""
+    model = TinyCNN().double().eval()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    xc = x.contiguous(memory_format=torch.channels_last)
+    seen = []
+    handle = model[0].register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    try:
+        for call in (lambda v: integrated_gradients(model, v, [0, 1, 2], steps=6, batch_size=5,
+                                                    device=CPU),
+                     lambda v: smoothgrad(model, v, [0, 1, 2], n=3, device=CPU),
+                     lambda v: occlusion(model, v, [0, 1, 2], window=(3, 6, 6), stride=4,
+                                         device=CPU)):
+            seen.clear()
+            expected = call(x)
+            assert seen and not any(seen)
+            seen.clear()
+            got = call(xc)
+            assert seen and all(seen)
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    finally:
+        handle.remove()
+
+
 # --------------------------------------------------------------------------- model hygiene
 
 

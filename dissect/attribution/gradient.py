@@ -18,6 +18,7 @@ from ._core import (
     check_batch_size,
     check_input,
     check_target,
+    empty_rows,
     forward_scores,
     gradient,
     log,
@@ -178,7 +179,7 @@ def smoothgrad(
         with progress_bar(len(chunks), "smoothgrad", progress) as bar:
             for start, stop in chunks:
                 runs = list(segments(start, stop, batch))
-                rows = xd.new_empty((stop - start,) + tuple(x.shape[1:]))
+                rows = empty_rows(xd, stop - start)
                 for step, b0, b1, offset in runs:
                     while drawn < step:
                         eps = torch.randn(x.shape[1:], generator=gen, device=dev, dtype=x.dtype)
@@ -306,7 +307,7 @@ def integrated_gradients(
         with progress_bar(len(chunks), "integrated gradients", progress) as bar:
             for start, stop in chunks:
                 runs = list(segments(start, stop, batch))
-                rows = xd.new_empty((stop - start,) + tuple(x.shape[1:]))
+                rows = empty_rows(xd, stop - start)
                 for k, b0, b1, offset in runs:  # baseline + alpha * (x - baseline), as captum
                     part = rows[offset:offset + b1 - b0]
                     torch.mul(diff[b0:b1], alphas[k], out=part)

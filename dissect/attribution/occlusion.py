@@ -18,6 +18,7 @@ from ._core import (
     check_batch_size,
     check_input,
     check_target,
+    empty_rows,
     forward_scores,
     log,
     prepared,
@@ -160,7 +161,7 @@ def occlusion(
         with progress_bar(len(chunks), "occlusion", progress) as bar:
             for start, stop in chunks:
                 runs = list(segments(start, stop, batch))
-                occluded = xd.new_empty((stop - start,) + dims)
+                occluded = empty_rows(xd, stop - start)
                 for k, b0, b1, offset in runs:
                     part = occluded[offset:offset + b1 - b0]
                     part.copy_(xd[b0:b1])
