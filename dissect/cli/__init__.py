@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from ..errors import DissectError
 
-COMMANDS = ("layers", "capture", "netdissect", "attribute", "demo")
+COMMANDS = ("layers", "capture", "netdissect", "attribute", "report", "demo")
 
 EPILOG = """examples:
   dissect layers mobilenet_v2-imagenet --input-size 224

@@ -1,0 +1,187 @@
+"""The layer-analysis report: a static, self-contained HTML site rendered from saved results.
+
+:func:`write_report` reads what an analysis run left in a results folder and never recomputes
+anything. Every part is optional; the report shows what is there:
+
+==============================  ============================================================
+``run.json``                    model, dataset, layers and settings of the run
+``netdissect.json``             :meth:`DissectionResult.to_json <dissect.netdissect.
+                                DissectionResult.to_json>`
+``units/<layer>/unit_K.png``    top images with the active region outlined
+                                (:func:`render_unit_images`)
+``actmax/<layer>/unit_K.png``   activation-maximization images
+``deconv/<layer>/unit_K.png``   deconvnet patches
+``probes.json``                 :meth:`ProbeResult.to_json <dissect.probes.ProbeResult.to_json>`
+``attribution/attribution.json``  photographs and their attribution overlays
+==============================  ============================================================
+
+The site goes to ``RESULTS/report/`` (``index.html``, one page per layer, ``attribution.html``),
+with its images copied next to it, so the folder can be moved or zipped on its own. No network,
+no CDN: one stylesheet and one small script ship with the package.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import DissectError
+from . import pages
+from .figures import category_chart, concept_bar_chart
+from .unit_images import outline_strip, render_unit_images, unit_image_path
+
+__all__ = ["outline_strip", "render_unit_images", "unit_image_path", "write_report"]
+
+log = logging.getLogger(__name__)
+
+UNIT_IMAGE_KINDS = {"top": "units", "actmax": "actmax", "deconv": "deconv"}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DissectError(f"cannot read {path}: {exc}") from exc
+
+
+def _copy(src: Path, report: Path, rel: str) -> str:
+    """Copy ``src`` to ``report/rel`` (when newer) and return ``rel`` for links."""
+    dst = report / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists() or dst.stat().st_mtime < src.stat().st_mtime:
+        shutil.copy2(src, dst)
+    return rel
+
+
+def _unit_images(results: Path, report: Path, layer: str) -> dict[int, dict[str, str]]:
+    images: dict[int, dict[str, str]] = {}
+    for kind, folder in UNIT_IMAGE_KINDS.items():
+        for src in sorted((results / folder / layer).glob("unit_*.png")):
+            try:
+                unit = int(src.stem.removeprefix("unit_"))
+            except ValueError:
+                continue
+            rel = f"img/{folder}/{pages.slug(layer)}/{src.name}"
+            images.setdefault(unit, {})[kind] = _copy(src, report, rel)
+    return images
+
+
+def _load_probes(results: Path) -> Any:
+    path = results / "probes.json"
+    if not path.exists():
+        return None
+    from ..probes import ProbeResult
+
+    return ProbeResult.from_json(path)
+
+
+def _overview(run: dict[str, Any], result: Any) -> str:
+    rows = [(k, run[k]) for k in ("model", "dataset", "images", "device") if k in run]
+    layers = run.get("layers") or (result.layers if result is not None else [])
+    if layers:
+        rows.append(("layers", ", ".join(layers)))
+    if result is not None:
+        rows.append(("Network Dissection", f"quantile {result.quantile}, detector IoU > "
+                                           f"{result.iou_threshold}"))
+    return pages.table(["", ""], rows)
+
+
+def write_report(results: str | Path, out: str | Path | None = None) -> Path:
+    """Render the report of a results folder.
+
+    Parameters
+    ----------
+    results
+        A folder written by ``dissect demo``, ``dissect netdissect`` (and friends): see the
+        module documentation for the files it may hold.
+    out
+        Where to write the site (default ``results/report``).
+
+    Returns
+    -------
+    pathlib.Path
+        The ``index.html`` written.
+
+    Raises
+    ------
+    DissectError
+        When the folder does not exist or holds no result the report can show.
+    """
+    results = Path(results)
+    if not results.is_dir():
+        raise DissectError(f"results folder {results} does not exist")
+    report = Path(out) if out is not None else results / "report"
+    run = _read_json(results / "run.json") if (results / "run.json").exists() else {}
+    result = None
+    if (results / "netdissect.json").exists():
+        from ..netdissect import DissectionResult
+
+        result = DissectionResult.from_json(results / "netdissect.json")
+    probes = _load_probes(results)
+    attribution_file = results / "attribution" / "attribution.json"
+    attributions = _read_json(attribution_file) if attribution_file.exists() else []
+    if result is None and probes is None and not attributions:
+        raise DissectError(
+            f"{results} holds no results (netdissect.json, probes.json or "
+            "attribution/attribution.json): run `dissect demo`, `dissect netdissect` or "
+            "`dissect probe` with --out pointing there first"
+        )
+    report.mkdir(parents=True, exist_ok=True)
+    assets = resources.files(__package__) / "assets"
+    (report / "assets").mkdir(exist_ok=True)
+    for name in ("report.css", "gallery.js"):
+        (report / "assets" / name).write_text(assets.joinpath(name).read_text())
+
+    title = f"torch-dissect report: {run.get('model', results.name)}"
+    nav = [("overview", "index.html")]
+    if result is not None:
+        nav += [(layer, pages.layer_page_name(layer)) for layer in result.layers]
+    if attributions:
+        nav.append(("attribution", "attribution.html"))
+
+    body = [_overview(run, result)]
+    if result is not None:
+        body.append("<h2>Network Dissection: detectors per category</h2>")
+        body.append(pages.detector_table(result))
+        body.append(pages.figure(str(category_chart(result, report / "figures" / "categories.png")
+                                     .relative_to(report)), "detectors per category per layer"))
+        deepest = result.layers[-1]
+        chart = concept_bar_chart(result, deepest, report / "figures" / "concepts-index.png")
+        body.append(f"<h2>Unique detectors per concept in {pages.esc(deepest)}</h2>")
+        body.append(pages.figure(str(chart.relative_to(report)),
+                                 f"detectors per concept in {deepest}"))
+        for layer in result.layers:
+            chart = concept_bar_chart(result, layer,
+                                      report / "figures" / f"concepts-{pages.slug(layer)}.png")
+            html = pages.layer_body(result, layer, _unit_images(results, report, layer),
+                                    str(chart.relative_to(report)))
+            (report / pages.layer_page_name(layer)).write_text(
+                pages.page(f"{layer}: units", html, nav, script=True))
+    if probes is not None:
+        body.append("<h2>Linear probes: accuracy per layer</h2>")
+        plot = probes.plot(report / "figures" / "probes.png")
+        body.append(pages.figure(str(Path(plot).relative_to(report)), "probe accuracy vs depth"))
+        body.append(pages.probe_table(probes))
+    if attributions:
+        entries = []
+        for e in attributions:
+            e = dict(e)
+            for key in ("image",):
+                if e.get(key):
+                    e[key] = _copy(results / e[key], report, f"img/{e[key]}")
+            e["maps"] = {m: _copy(results / p, report, f"img/{p}")
+                         for m, p in e.get("maps", {}).items()}
+            entries.append(e)
+        (report / "attribution.html").write_text(
+            pages.page("attribution maps", pages.attribution_body(entries), nav))
+        body.append('<h2>Attribution maps</h2><p><a href="attribution.html">'
+                    f"{len(entries)} photographs</a>: Integrated Gradients, Grad-CAM, "
+                    "occlusion.</p>")
+    index = report / "index.html"
+    index.write_text(pages.page(title, "".join(body), nav))
+    log.info("wrote the report to %s", index)
+    return index

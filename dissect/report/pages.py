@@ -1,0 +1,162 @@
+"""HTML of the report's pages. Every string that comes from data goes through :func:`esc`."""
+
+from __future__ import annotations
+
+import html
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .figures import category_colors
+
+
+def esc(value: Any) -> str:
+    """HTML-escape ``str(value)``, quotes included (safe in text and attribute values)."""
+    return html.escape(str(value), quote=True)
+
+
+def slug(layer: str) -> str:
+    """A file-name-safe form of a layer name (``features.13`` stays ``features.13``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", layer) or "_"
+
+
+def layer_page_name(layer: str) -> str:
+    """File name of a layer's page."""
+    return f"layer-{slug(layer)}.html"
+
+
+def page(title: str, body: str, nav: Sequence[tuple[str, str]], *, script: bool = False) -> str:
+    """A complete HTML document with the shared header, navigation and stylesheet."""
+    links = "".join(f'<a href="{esc(href)}">{esc(text)}</a>' for text, href in nav)
+    js = '<script src="assets/gallery.js"></script>' if script else ""
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>{esc(title)}</title><link rel=\"stylesheet\" href=\"assets/report.css\">"
+        f"</head><body><header><h1>{esc(title)}</h1><nav>{links}</nav></header>"
+        f"<main>{body}</main>{js}</body></html>\n"
+    )
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, raw: bool = False) -> str:
+    """A table; cells are escaped unless ``raw`` (for cells built from escaped parts)."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    cell = (lambda v: str(v)) if raw else esc
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>' \
+           "</table></div>"
+
+
+def figure(src: str, alt: str) -> str:
+    """An ``<img>`` of a chart."""
+    return f'<p><img class="figure" src="{esc(src)}" alt="{esc(alt)}"></p>'
+
+
+def detector_table(result: Any) -> str:
+    """Detectors per category per layer, with unit counts and unique concepts."""
+    rows = []
+    for layer in result.layers:
+        det = result.detectors(layer)
+        per_cat = Counter(u.category for u in det)
+        link = f'<a href="{esc(layer_page_name(layer))}">{esc(layer)}</a>'
+        rows.append([link, result.iou(layer).shape[0], len(det), len({u.concept for u in det})]
+                    + [per_cat[c] for c in result.categories])
+    return table(["layer", "units", "detectors", "unique concepts"] + list(result.categories),
+                 rows, raw=True) if rows else ""
+
+
+def probe_table(probes: Any) -> str:
+    """Train, test, control and selectivity per layer; flagged layers marked."""
+    rows = []
+    for layer in probes.layers:
+        r = probes[layer]
+        flag = '<span class="flag">flagged</span>' if getattr(r, "flagged", False) else ""
+        rows.append([esc(layer), r.n_features, f"{r.train_accuracy:.3f}", f"{r.test_accuracy:.3f}",
+                     f"{r.control_train_accuracy:.3f}", f"{r.control_test_accuracy:.3f}",
+                     f"{r.selectivity:+.3f}", f"{r.chance:.3f}", flag])
+    return table(["layer", "features", "train", "test", "control train", "control test",
+                  "selectivity", "chance", ""], rows, raw=True)
+
+
+def unit_card(unit: Any, images: dict[str, str], color: str) -> str:
+    """One unit's card: label, category, IoU, threshold, its images."""
+    det = "1" if unit.is_detector else "0"
+    cls = "card detector" if unit.is_detector else "card"
+    parts = [
+        f'<article class="{cls}" style="--cat: {esc(color)}" data-unit="{unit.unit}" '
+        f'data-iou="{unit.iou:.6f}" data-concept="{esc(unit.concept)}" '
+        f'data-category="{esc(unit.category)}" data-detector="{det}">',
+        f'<h3><span>unit {unit.unit}</span><span class="label">{esc(unit.concept)}</span></h3>',
+        f'<div class="meta"><span class="chip">{esc(unit.category)}</span> IoU {unit.iou:.3f}'
+        f" &middot; threshold {unit.threshold:.4g}</div>",
+    ]
+    if "top" in images:
+        parts.append(f'<img src="{esc(images["top"])}" loading="lazy" '
+                     f'alt="top images of unit {unit.unit}">')
+    extra = [(k, t) for k, t in (("actmax", "activation maximization"),
+                                 ("deconv", "deconvnet patches")) if k in images]
+    if extra:
+        parts.append('<div class="extra">' + "".join(
+            f'<figure><img src="{esc(images[k])}" loading="lazy" alt="{esc(t)} of unit '
+            f'{unit.unit}"><figcaption>{esc(t)}</figcaption></figure>' for k, t in extra)
+            + "</div>")
+    parts.append("</article>")
+    return "".join(parts)
+
+
+def layer_body(result: Any, layer: str, images: dict[int, dict[str, str]], chart: str) -> str:
+    """A layer page: the concept chart, the controls, the gallery of unit cards."""
+    colors = category_colors(result.categories)
+    units = sorted(result.units(layer), key=lambda u: -u.iou)
+    shown = [u for u in units if u.unit in images] or units
+    cards = "".join(unit_card(u, images.get(u.unit, {}), colors[u.category]) for u in shown)
+    options = "".join(f'<option value="{esc(c)}">{esc(c)}</option>' for c in result.categories)
+    note = "" if len(shown) == len(units) else \
+        f" Showing the {len(shown)} units with the highest IoU of {len(units)}."
+    controls = (
+        '<div class="controls">'
+        '<label>sort <select id="sort"><option value="iou-desc">IoU, highest first</option>'
+        '<option value="iou-asc">IoU, lowest first</option>'
+        '<option value="unit-asc">unit number</option>'
+        '<option value="concept-asc">concept</option>'
+        '<option value="category-asc">category</option></select></label>'
+        f'<label>category <select id="category"><option value="">all</option>{options}'
+        "</select></label>"
+        '<label>concept or unit <input type="search" id="filter" placeholder="e.g. red"></label>'
+        '<label><input type="checkbox" id="detectors"> detectors only</label>'
+        '<span id="count" class="meta"></span></div>'
+    )
+    det = result.detectors(layer)
+    return (
+        f'<p class="meta">{len(units)} units, {len(det)} detectors (IoU &gt; '
+        f"{result.iou_threshold}), threshold quantile {result.quantile}.{note} Top images: the "
+        "region where the unit's upsampled activation exceeds its threshold is outlined, the "
+        "rest dimmed.</p>"
+        + figure(chart, f"detectors per concept in {layer}")
+        + controls + f'<div id="gallery" class="gallery">{cards}</div>'
+    )
+
+
+def attribution_body(entries: Sequence[dict[str, Any]]) -> str:
+    """The attribution page: each photograph, its prediction, one overlay per method."""
+    if not entries:
+        return "<p>No attribution maps in these results.</p>"
+    blocks = []
+    for e in entries:
+        label = f' {esc(e["label"])}' if e.get("label") else ""
+        figs = []
+        if e.get("image"):
+            figs.append(f'<figure><img src="{esc(e["image"])}" alt="{esc(e["name"])}">'
+                        "<figcaption>input</figcaption></figure>")
+        for method, src in e.get("maps", {}).items():
+            figs.append(f'<figure><img src="{esc(src)}" loading="lazy" alt="{esc(method)} of '
+                        f'{esc(e["name"])}"><figcaption>{esc(method)}</figcaption></figure>')
+        prob = f" (p = {float(e['prob']):.2f})" if e.get("prob") is not None else ""
+        blocks.append(
+            f'<section class="photo"><h2>{esc(e["name"])}: class {esc(e.get("target", ""))}'
+            f"{label}{prob}</h2>{''.join(figs)}</section>"
+        )
+    return ('<p class="meta">Integrated Gradients and occlusion: absolute attribution; '
+            "Grad-CAM: positive part. Brighter (warmer) means more credit for the predicted "
+            f'class.</p><div class="photos">{"".join(blocks)}</div>')
