@@ -46,9 +46,20 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert info.value.code == 2
 
 
-def test_demo_runs_on_real_mobilenet(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert "chelsea    -> Egyptian cat (0.72)" in out
-    with ActivationStore(tmp_path / "demo" / "activations.h5") as store:
-        assert store.complete and len(store.layers) == 4
+@pytest.mark.parametrize("argv", [[], ["nope"], ["capture"], ["layers", "x", "--input-size", "a"]])
+def test_usage_errors_are_one_line_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "error:" in err and "Traceback" not in err
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    from dissect.cli import COMMANDS
+
+    for name in COMMANDS:
+        assert f"\n    {name}" in text and f"dissect {name}" in text, name

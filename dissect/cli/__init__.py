@@ -17,7 +17,10 @@ from collections.abc import Sequence
 
 from ..errors import DissectError
 
-COMMANDS = ("layers", "capture", "netdissect", "attribute", "report", "demo")
+COMMANDS = (
+    "layers", "capture", "netdissect", "attribute", "deconv", "actmax", "invert", "report",
+    "demo",
+)
 
 EPILOG = """examples:
   dissect layers mobilenet_v2-imagenet --input-size 224
@@ -30,17 +33,28 @@ EPILOG = """examples:
   dissect attribute mobilenet_v2-imagenet --image samples --method ig --out maps
   dissect attribute torchvision:resnet18 --weights r18.pth --image cat.jpg --method gradcam \\
       --target 281 --out maps --device cuda
+  dissect deconv mobilenet_v2-imagenet --layer features.7 --units 0-15 --data samples --out zf
+  dissect actmax mobilenet_v2-imagenet --layer features.10 --units 0-63 --out actmax
+  dissect invert mobilenet_v2-imagenet --layer features.6 --image cat.jpg --out inverted
+  dissect report r18-dissect          # writes r18-dissect/report/index.html
   dissect demo --out demo-out
 
 run `dissect COMMAND --help` for a command's options.
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr (exit code 2)."""
+
+    def error(self, message: str):  # argparse calls this on a usage error
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dissect`` argument parser (exposed for documentation and tests)."""
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="dissect",
         description="Open trained PyTorch networks layer by layer.",
         epilog=EPILOG,
