@@ -1,0 +1,40 @@
+"""What input pattern drove this unit? Deconvnet projections and Zeiler & Fergus's top patches.
+
+- :func:`reconstruct`: project units of a hidden layer back to input space with the deconvnet
+  (Zeiler & Fergus 2014), guided backprop (Springenberg et al. 2015) or the plain gradient.
+- :func:`receptive_field`: the exact input box each position of a layer looks at.
+- :func:`top_patches`: each unit's top-k dataset images with their projections, cropped to the
+  unit's receptive field at its maximum (the paper's Fig. 2), as a :class:`TopPatches` result.
+- :func:`save_patch_grid`, :func:`save_unit_grids` (alias :func:`save_unit_blocks`): the
+  classic grid image as PNG (OpenCV), and one PNG per unit, ``DIR/<layer>/unit_0012.png``;
+  :func:`projection_image` turns one projection into a picture.
+"""
+
+from ._common import METHODS
+from ._rules import RectifierRules
+from .patches import Patch, TopPatches, top_patches
+from .projection import reconstruct
+from .receptive import ReceptiveField, receptive_field
+from .render import (
+    patch_grid,
+    projection_image,
+    save_patch_grid,
+    save_unit_blocks,
+    save_unit_grids,
+)
+
+__all__ = [
+    "METHODS",
+    "Patch",
+    "ReceptiveField",
+    "RectifierRules",
+    "TopPatches",
+    "patch_grid",
+    "projection_image",
+    "receptive_field",
+    "reconstruct",
+    "save_patch_grid",
+    "save_unit_blocks",
+    "save_unit_grids",
+    "top_patches",
+]
