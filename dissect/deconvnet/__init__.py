@@ -5,7 +5,7 @@
 - :func:`receptive_field`: the exact input box each position of a layer looks at.
 - :func:`top_patches`: each unit's top-k dataset images with their projections, cropped to the
   unit's receptive field at its maximum (the paper's Fig. 2), as a :class:`TopPatches` result.
-- :func:`save_patch_grid`, :func:`save_unit_grids` (alias :func:`save_unit_blocks`): the
+- :func:`save_patch_grid`, :func:`save_unit_grids`: the
   classic grid image as PNG (OpenCV), and one PNG per unit, ``DIR/<layer>/unit_0012.png``;
   :func:`projection_image` turns one projection into a picture.
 """
@@ -19,7 +19,6 @@ from .render import (
     patch_grid,
     projection_image,
     save_patch_grid,
-    save_unit_blocks,
     save_unit_grids,
 )
 
@@ -34,7 +33,6 @@ __all__ = [
     "receptive_field",
     "reconstruct",
     "save_patch_grid",
-    "save_unit_blocks",
     "save_unit_grids",
     "top_patches",
 ]

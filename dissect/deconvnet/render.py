@@ -240,7 +240,3 @@ def save_unit_grids(
         block = _unit_block(patches, n, transform, tile, labels)
         written[unit] = save_png(folder / f"unit_{unit:04d}.png", block)
     return written
-
-
-#: The same function under the name the layer report and ``dissect demo`` use.
-save_unit_blocks = save_unit_grids
