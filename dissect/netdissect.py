@@ -14,6 +14,11 @@ For every unit ``k`` of a layer and concept ``c`` of a :class:`~dissect.datasets
   concept's primary category. A unit is a detector when its best IoU exceeds ``iou_threshold``.
 
 Counts are exact integers (int64 tallies; float64 matrix products of integers below 2**53).
+
+Across processes (``torchrun``, :mod:`dissect.distributed`) each rank reads a contiguous shard
+of the store's rows; the thresholds are merged exactly (:func:`dissect.stats.exact_quantiles`
+with a collective) and the counts summed with an int64 all-reduce, so every rank returns the
+same result as a single process, bit for bit.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 import tempfile
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +43,8 @@ from tqdm.auto import tqdm
 from ._device import resolve_device
 from .active_pixels import active_pixels
 from .datasets.concepts import Concept, collate
+from .distributed import DistContext
+from .distributed import resolve as resolve_distributed
 from .errors import DissectError
 from .hooks.capture import capture
 from .hooks.layers import LayerSelector
@@ -406,6 +415,7 @@ def dissect(
     num_workers: int = 0,
     store_path: str | Path | None = None,
     top_k: int = 16,
+    distributed: DistContext | bool | None = None,
 ) -> DissectionResult:
     """Score every unit of the chosen layers against every concept of a concept dataset.
 
@@ -437,6 +447,14 @@ def dissect(
         Where to capture when ``source`` is a model.
     top_k
         How many top images per unit to keep (from the store's maxima).
+    distributed
+        Multi-process runs (:mod:`dissect.distributed`): ``None`` detects an initialized
+        process group or ``torchrun``'s variables, ``False`` forces one process, or pass a
+        :class:`~dissect.distributed.DistContext`. Each rank scores a contiguous shard of the
+        rows; thresholds and counts are merged exactly and every rank returns the same result,
+        identical to a single process's. A model is captured across the ranks first
+        (``store_path`` must then be on a filesystem every rank sees; the default temporary
+        folder is rank 0's, which only works on one machine). Only rank 0 shows progress bars.
 
     Returns
     -------
@@ -447,26 +465,42 @@ def dissect(
         raise DissectError(f"quantile must be in (0, 1), got {quantile}")
     if batch_size < 1:
         raise DissectError(f"batch_size must be >= 1, got {batch_size}")
-    dev = resolve_device(device)
+    ctx = resolve_distributed(distributed, device)
+    dev = ctx.device(device) if ctx is not None else resolve_device(device)
     tmp = None
+    shared_tmp: str | None = None
     if isinstance(source, nn.Module):
         if layers is None:
             raise DissectError("give layers=... when dissecting a model")
-        if store_path is None:
+        if store_path is None and ctx is None:
             tmp = tempfile.TemporaryDirectory(prefix="dissect-")
             store_path = Path(tmp.name) / "activations.h5"
+        elif store_path is None:
+            shared_tmp = ctx.on_main("make a temporary folder",
+                                     lambda: tempfile.mkdtemp(prefix="dissect-"))
+            store_path = Path(shared_tmp) / "activations.h5"
         source = capture(source, dataset, layers, store_path, batch_size=batch_size,
-                         device=dev, progress=progress, num_workers=num_workers)
+                         device=dev, progress=progress, num_workers=num_workers,
+                         distributed=ctx if ctx is not None else False)
     if not isinstance(source, ActivationStore):
         raise DissectError("source must be an ActivationStore or a torch.nn.Module")
     store = source
+    finished = False
     try:
-        return _dissect_store(store, dataset, layers, quantile, iou_threshold, categories,
-                              batch_size, dev, progress, num_workers, top_k)
+        result = _dissect_store(store, dataset, layers, quantile, iou_threshold, categories,
+                                batch_size, dev, progress, num_workers, top_k, ctx)
+        finished = True
+        return result
     finally:
         if tmp is not None:
             store.close()
             tmp.cleanup()
+        if shared_tmp is not None:
+            store.close()
+            if finished:  # every rank is done reading before rank 0 removes the folder
+                ctx.barrier("remove the temporary store")
+            if ctx.is_main:
+                shutil.rmtree(shared_tmp, ignore_errors=True)
 
 
 def _dissect_store(
@@ -481,6 +515,7 @@ def _dissect_store(
     progress: bool,
     num_workers: int,
     top_k: int,
+    ctx: DistContext | None = None,
 ) -> DissectionResult:
     if not store.complete:
         raise DissectError(f"{store.path} is an unfinished capture: rerun capture to finish it")
@@ -512,25 +547,30 @@ def _dissect_store(
     if len(index) and (index.min() < 0 or index.max() >= len(dataset)):
         raise DissectError(f"{store.path} rows index items beyond the dataset's {len(dataset)}")
     stored_dtype = np.dtype(store[names[0]].dtype)
+    # this rank's rows (all of them in one process); results are merged exactly below
+    rows = ctx.shard(len(store), batch_size) if ctx is not None else range(len(store))
+    progress = progress and (ctx is None or ctx.is_main)
     iou, thresholds, top = {}, {}, {}
     for name in names:
         ds = store[name]
         n, units, h, w = ds.shape
         read = min(len(store), max(1, (1 << 24) // max(1, units * h * w)))
 
-        def batches(name: str = name, read: int = read):
-            for block in store.iter(name, read):
+        def batches(ds=ds, read: int = read):
+            for start in range(rows.start, rows.stop, read):
+                block = torch.from_numpy(ds[start : min(start + read, rows.stop)]).float()
                 yield block.transpose(0, 1).reshape(block.shape[1], -1)
 
-        thr = exact_quantiles(batches, units, n * h * w, 1 - quantile,
-                              dtype=np.dtype(ds.dtype), device=dev)
+        with ctx.phase("threshold merge") if ctx is not None else nullcontext():
+            thr = exact_quantiles(batches, units, n * h * w, 1 - quantile,
+                                  dtype=np.dtype(ds.dtype), device=dev, collective=ctx)
         thresholds[name] = thr
         tally = IoUTally(units, concepts, all_cats, device=dev)
-        loader = DataLoader(_Annotations(dataset, index), batch_size=batch_size,
-                            num_workers=num_workers, collate_fn=collate)
+        loader = DataLoader(_Annotations(dataset, index[rows.start : rows.stop]),
+                            batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
         thr_t = torch.from_numpy(thr.astype(np.float32)).to(dev)
-        row = 0
-        bar = tqdm(total=n, desc=f"netdissect {name}", unit="img", disable=not progress)
+        row = rows.start
+        bar = tqdm(total=len(rows), desc=f"netdissect {name}", unit="img", disable=not progress)
         for item in loader:
             b = len(item["annotated"])
             maps = torch.from_numpy(ds[row : row + b]).to(dev, torch.float32)
@@ -538,6 +578,11 @@ def _dissect_store(
             row += b
             bar.update(b)
         bar.close()
+        if ctx is not None:  # exact: int64 counts summed over the ranks
+            with ctx.phase("count reduction"):
+                tally.load_state_dict(
+                    {k: ctx.all_sum(v) for k, v in tally.state_dict().items()}
+                )
         iou[name] = tally.result()
         maxima = store.maxima(name)
         order = np.argsort(-maxima, axis=0, kind="stable")[: min(top_k, len(maxima))].T

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from .errors import DissectError
+
+
+class Collective(Protocol):
+    """What a multi-process tally needs from its process group (see
+    :class:`dissect.distributed.DistContext`): an exact element-wise sum over the ranks."""
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over ranks (every rank gets it; int64 stays exact)."""
+        ...
 
 
 class TopK:
@@ -147,6 +156,7 @@ def exact_quantiles(
     dtype: np.dtype | str = "float32",
     memory_values: int = 64_000_000,
     device: str | torch.device = "cpu",
+    collective: Collective | None = None,
 ) -> np.ndarray:
     """Exact ``numpy.quantile(values[r], level)`` of every row over a stream of batches.
 
@@ -156,6 +166,15 @@ def exact_quantiles(
     would exceed ``memory_values`` values in total, a radix selection over the values'
     32-bit keys finds the two order statistics in three passes with ``rows * 2048`` counters
     (bounded memory, still exact, ties included). NaNs are not supported.
+
+    Across processes (``collective``), each rank streams its own part of the values and
+    ``n`` counts all ranks' values. Each rank keeps its own ``k`` largest values per row; the
+    order statistics of the union are then found by a 16-way search over the 32-bit keys,
+    summing the ranks' counts of kept values above each probe (8 all-reduces of
+    ``(2, rows, 15)`` int64, see :func:`_merged_order_stats`); the radix path sums the ranks'
+    digit histograms before choosing each digit. Both select the same order statistics as one
+    process, so the result is bit for bit the same, and no rank ever holds another rank's
+    values.
 
     Parameters
     ----------
@@ -171,6 +190,9 @@ def exact_quantiles(
         Bound on the number of values held at once.
     device
         Where the selection runs.
+    collective
+        The process group of a multi-process run (every rank calls this together), or
+        ``None``.
 
     Returns
     -------
@@ -184,11 +206,54 @@ def exact_quantiles(
         for batch in batches():
             top.add(batch.to(device, torch.float32))
         ranked = top.result()  # descending: ascending rank r is column n - 1 - r
+        if collective is not None:  # ascending rank r: n - r values are >= it
+            a, b = _merged_order_stats(ranked, (n - lo, n - hi), collective)
+            return lerp_like_numpy(a.astype(dtype), b.astype(dtype), gamma)
         a = ranked[:, n - 1 - lo].cpu().numpy().astype(dtype)
         b = ranked[:, n - 1 - hi].cpu().numpy().astype(dtype)
         return lerp_like_numpy(a, b, gamma)
-    a, b = _radix_order_stats(batches, rows, (lo, hi), device)
+    a, b = _radix_order_stats(batches, rows, (lo, hi), device, collective)
     return lerp_like_numpy(a.astype(dtype), b.astype(dtype), gamma)
+
+
+MERGE_BITS = 4  # key bits settled per all-reduce when merging the ranks' top values
+
+
+def _merged_order_stats(
+    top: torch.Tensor, counts: tuple[int, ...], collective: Collective
+) -> tuple[np.ndarray, ...]:
+    """Order statistics of the union of all ranks' values from each rank's largest values.
+
+    ``top`` holds this rank's ``m`` largest values of each row (all of them when it has fewer
+    than ``k``, where ``k >= max(counts)``). For each ``c`` in ``counts`` the result is the
+    ``c``-th largest value of the union: the largest key ``t`` with at least ``c`` values
+    ``>= t`` over all ranks, found by a ``2**MERGE_BITS``-way search on the 32-bit keys (each
+    round splits the remaining key interval into 16 and keeps the part holding ``t``). A
+    rank's count of its kept values ``>= t`` is exact when below ``k``; when it is ``k`` the
+    rank's true count is at least ``k >= c``, so the summed counts decide every probe exactly
+    as the full data would (ties included).
+    """
+    device = top.device
+    keys = sortable_keys(top).sort(dim=1).values  # ascending, (rows, m)
+    rows, m = keys.shape
+    stats = len(counts)
+    ways = 1 << MERGE_BITS
+    need = torch.tensor(counts, dtype=torch.int64, device=device)[:, None, None]
+    steps = torch.arange(1, ways, dtype=torch.int64, device=device)
+    low = torch.zeros(stats, rows, dtype=torch.int64, device=device)  # at least c values >= low
+    width = 1 << 32  # ... and fewer than c values >= low + width
+    for _ in range(32 // MERGE_BITS):
+        width >>= MERGE_BITS
+        probes = low[:, :, None] + width * steps  # (stats, rows, ways - 1), ascending
+        if m:
+            flat = probes.permute(1, 0, 2).reshape(rows, -1).contiguous()
+            below = torch.searchsorted(keys, flat).view(rows, stats, ways - 1)
+            local = (m - below).permute(1, 0, 2).contiguous()
+        else:
+            local = torch.zeros_like(probes)
+        ok = collective.all_sum(local) >= need  # true for a prefix of the probes
+        low = low + width * ok.sum(dim=2)
+    return tuple(key_to_float(low[i].cpu().numpy()) for i in range(stats))
 
 
 RADIX_DIGITS = ((21, 11), (10, 11), (0, 10))  # (shift, bits) of a 32-bit key, high first
@@ -213,12 +278,14 @@ def _radix_order_stats(
     rows: int,
     ranks: tuple[int, int],
     device: str | torch.device,
+    collective: Collective | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Order statistics at ascending ``ranks`` of each row by radix selection (3 passes).
 
     Each pass histograms the next digit of the values' order-preserving 32-bit keys among the
     values whose higher digits match the prefix found so far; memory is ``rows * 2048`` counts
-    per rank, whatever the data size. Exact, including ties.
+    per rank, whatever the data size. Exact, including ties. With ``collective`` the
+    histograms of all processes are summed (exact int64) before each digit is chosen.
     """
     row_ids = torch.arange(rows, device=device)
     results = []
@@ -238,6 +305,8 @@ def _radix_order_stats(
                 digit = (keys >> shift) & (size - 1)
                 flat = (row_ids[:, None] * size + digit)[match]
                 counts += torch.bincount(flat, minlength=rows * size)
+            if collective is not None:
+                counts = collective.all_sum(counts)
             cum = below[:, None] + counts.view(rows, size).cumsum(dim=1)
             target = torch.full((rows, 1), rank, dtype=torch.int64, device=device)
             chosen = torch.searchsorted(cum, target, right=True)[:, 0]

@@ -16,6 +16,11 @@ After that, writing a batch only writes raw data at fixed offsets: the HDF5 meta
 changes until the final ``complete`` attribute. ``/progress`` is advanced only after the
 batch's rows were flushed, so a process killed at any moment leaves a file whose first
 ``progress`` rows are valid and which never reads as complete.
+
+A multi-process capture (:mod:`dissect.distributed`) writes one such store per rank under
+``<path>.shards/`` and publishes ``<path>`` with the same layout made of HDF5 virtual datasets
+over the shards (root attribute ``shards``: their paths relative to ``<path>``'s folder); it
+reads exactly like a single file, rows in dataset order.
 """
 
 from __future__ import annotations
@@ -236,6 +241,17 @@ class ActivationStore:
             raise StoreError(
                 f"{path} is a torch-dissect store of version {version}; this release reads "
                 f"version {VERSION}: recapture it or use the matching torch-dissect"
+            )
+        # a store published by a multi-process capture maps its rows to shard files (HDF5
+        # virtual datasets) that would silently read as zeros if missing
+        missing = [s for s in json.loads(f.attrs.get("shards", "[]"))
+                   if not (path.parent / s).is_file()]
+        if missing:
+            f.close()
+            raise StoreError(
+                f"{path} reads its rows from shard files that are missing: "
+                f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} (relative to "
+                f"{path.parent}); keep the shard folder next to the file, or recapture"
             )
         return f
 

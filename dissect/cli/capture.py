@@ -1,11 +1,23 @@
-"""``dissect capture``: stream layer activations over a dataset to an HDF5 store."""
+"""``dissect capture``: stream layer activations over a dataset to an HDF5 store.
+
+Under ``torchrun --nproc_per_node=N -m dissect capture ...`` every rank captures a shard and
+rank 0 publishes the store (:mod:`dissect.distributed`); only rank 0 prints.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ._common import add_common, add_model_args, out, split_list
+
+if TYPE_CHECKING:
+    from ..distributed import DistContext
 
 HELP = "stream layer activations over a dataset to HDF5"
 
@@ -33,8 +45,40 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="also store gradients of this output index")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an unfinished file")
+    add_dist_timeout(p)
     add_common(p)
     return p
+
+
+def _minutes(text: str) -> datetime.timedelta:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--dist-timeout takes positive minutes, got {text!r}")
+    return datetime.timedelta(minutes=value)
+
+
+def add_dist_timeout(p: argparse.ArgumentParser) -> None:
+    """``--dist-timeout MINUTES`` for runs under torchrun (shared with ``netdissect``)."""
+    p.add_argument("--dist-timeout", type=_minutes, default=datetime.timedelta(minutes=30),
+                   metavar="MINUTES", help="under torchrun: how long a rank waits for the "
+                   "others (a dead or stuck rank) before failing (30)")
+
+
+@contextmanager
+def dist_session(args: argparse.Namespace) -> Iterator[DistContext | None]:
+    """The multi-process session of a subcommand (``None`` in one process).
+
+    Ranks other than 0 log warnings only, so a run on 8 GPUs does not say everything 8 times.
+    """
+    from ..distributed import session
+
+    with session(args.dist_timeout, args.device) as ctx:
+        if ctx is not None and not ctx.is_main:
+            logging.getLogger("dissect").setLevel(logging.WARNING)
+        yield ctx
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,15 +87,19 @@ def run(args: argparse.Namespace) -> int:
     from ..hooks import capture
     from ..models import load_model
 
-    model, transform = load_model(args.model, args.weights)
-    data = open_dataset(args.data, transform)
-    store = capture(
-        model, data, split_list(args.layers), args.out,
-        batch_size=args.batch_size, dtype=args.dtype, pool=args.pool,
-        grads_for=args.grads_for, device=args.device, num_workers=args.num_workers,
-        progress=not args.quiet, resume=not args.no_resume, overwrite=args.overwrite,
-    )
-    for layer in store.layers:
-        out(f"{layer}: {store[layer].shape} {store[layer].dtype}")
-    out(f"wrote {store.path}")
+    with dist_session(args) as ctx:
+        model, transform = load_model(args.model, args.weights)
+        data = open_dataset(args.data, transform)
+        store = capture(
+            model, data, split_list(args.layers), args.out,
+            batch_size=args.batch_size, dtype=args.dtype, pool=args.pool,
+            grads_for=args.grads_for, device=args.device, num_workers=args.num_workers,
+            progress=not args.quiet, resume=not args.no_resume, overwrite=args.overwrite,
+            distributed=ctx if ctx is not None else False,
+        )
+        if ctx is None or ctx.is_main:
+            for layer in store.layers:
+                out(f"{layer}: {store[layer].shape} {store[layer].dtype}")
+            out(f"wrote {store.path}")
+        store.close()
     return 0

@@ -1,4 +1,8 @@
-"""``dissect netdissect``: capture (or reuse) a store, score units against concepts."""
+"""``dissect netdissect``: capture (or reuse) a store, score units against concepts.
+
+Under ``torchrun --nproc_per_node=N -m dissect netdissect ...`` the capture and the scoring are
+split across the ranks (:mod:`dissect.distributed`); only rank 0 writes the CSV/JSON and prints.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from ._common import add_common, add_model_args, out, split_list
+from .capture import add_dist_timeout, dist_session
 
 HELP = "Network Dissection: label units with concepts"
 
@@ -22,6 +27,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--categories", default=None, help="comma-separated categories (all)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                    help="stored activation dtype (float16)")
+    add_dist_timeout(p)
     add_common(p)
     return p
 
@@ -33,22 +39,29 @@ def run(args: argparse.Namespace) -> int:
     from ..models import Preprocess, load_model
     from ..netdissect import dissect
 
-    model, transform = load_model(args.model, args.weights)
-    data = open_dataset(args.dataset)
-    # keep pixels aligned with the segmentation: normalization only, no resize or crop
-    data.transform = transform.without_resize() if isinstance(transform, Preprocess) else transform
-    layers = split_list(args.layers)
-    args.out.mkdir(parents=True, exist_ok=True)
-    store = capture(model, data, layers, args.out / "activations.h5", batch_size=args.batch_size,
-                    dtype=args.dtype, device=args.device, num_workers=args.num_workers,
-                    progress=not args.quiet)
-    categories = split_list(args.categories) if args.categories else None
-    result = dissect(store, data, layers, quantile=args.quantile,
-                     iou_threshold=args.iou_threshold, categories=categories,
-                     batch_size=args.batch_size, device=args.device, progress=not args.quiet,
-                     num_workers=args.num_workers)
-    result.to_csv(args.out)
-    result.to_json(args.out / "netdissect.json")
-    out(result.summary())
-    out(f"wrote {args.out / 'netdissect.json'} and one CSV per layer in {args.out}")
+    with dist_session(args) as ctx:
+        distributed = ctx if ctx is not None else False
+        model, transform = load_model(args.model, args.weights)
+        data = open_dataset(args.dataset)
+        # keep pixels aligned with the segmentation: normalization only, no resize or crop
+        data.transform = (transform.without_resize() if isinstance(transform, Preprocess)
+                          else transform)
+        layers = split_list(args.layers)
+        args.out.mkdir(parents=True, exist_ok=True)
+        store = capture(model, data, layers, args.out / "activations.h5",
+                        batch_size=args.batch_size, dtype=args.dtype, device=args.device,
+                        num_workers=args.num_workers, progress=not args.quiet,
+                        distributed=distributed)
+        categories = split_list(args.categories) if args.categories else None
+        result = dissect(store, data, layers, quantile=args.quantile,
+                         iou_threshold=args.iou_threshold, categories=categories,
+                         batch_size=args.batch_size, device=args.device,
+                         progress=not args.quiet, num_workers=args.num_workers,
+                         distributed=distributed)
+        store.close()
+        if ctx is None or ctx.is_main:  # every rank holds the same result; one writes it
+            result.to_csv(args.out)
+            result.to_json(args.out / "netdissect.json")
+            out(result.summary())
+            out(f"wrote {args.out / 'netdissect.json'} and one CSV per layer in {args.out}")
     return 0

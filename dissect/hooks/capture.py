@@ -15,10 +15,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    TensorDataset,
+)
 from tqdm.auto import tqdm
 
 from .._device import resolve_device
+from ..distributed import DistContext, publish_shards, shard_attr, shard_path
+from ..distributed import resolve as resolve_distributed
 from ..errors import DataError, DissectError, StoreError
 from ..store import DTYPES, ActivationStore, StoreWriter, create_store
 from .layers import LayerSelector, resolve_layers
@@ -156,6 +167,34 @@ def _loader_rows(loader: DataLoader) -> int:
     return len(loader.sampler)
 
 
+def _sequential(loader: DataLoader) -> bool:
+    """True for a loader that reads its dataset in order in batches of ``batch_size``."""
+    return (
+        loader.batch_size is not None
+        and type(loader.batch_sampler) is BatchSampler
+        and type(loader.sampler) is SequentialSampler
+    )
+
+
+def _subset_loader(loader: DataLoader, start: int, stop: int) -> DataLoader:
+    """The same loader over rows ``start:stop`` of its dataset only (a rank's shard)."""
+    extra = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers else {}
+    return DataLoader(
+        Subset(loader.dataset, range(start, stop)),
+        batch_size=loader.batch_size,
+        shuffle=False,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        persistent_workers=loader.persistent_workers,
+        **extra,
+    )
+
+
 class _Source:
     """A sized, deterministic stream of ``(inputs, indices)`` batches that can start at a row."""
 
@@ -185,11 +224,19 @@ class _Source:
                 raise DataError("data must have a length (len(dataset))") from exc
         if self.n == 0:
             raise DataError("the data source is empty: nothing to capture")
+        self.offset = 0  # first row read (a rank's shard starts later)
+        loader_batch = data.batch_size if isinstance(data, DataLoader) else batch_size
+        self.align = loader_batch or 1  # shards are cut at multiples of this
+
+    def restrict(self, rows: range) -> None:
+        """Read only ``rows``, a contiguous range of the source's rows (one rank's shard)."""
+        self.offset, self.n = rows.start, len(rows)
 
     def batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        lo, hi = self.offset + start, self.offset + self.n
         if not isinstance(self.data, DataLoader):
             loader = DataLoader(
-                _Inputs(self.data, start, self.n),
+                _Inputs(self.data, lo, hi),
                 batch_size=self.batch_size,
                 shuffle=False,
                 num_workers=self.num_workers,
@@ -198,17 +245,24 @@ class _Source:
             )
             yield from loader
             return
+        data, row = self.data, 0
+        if self.offset and _sequential(data):  # a shard of a plain loader: read only its rows
+            data, row = _subset_loader(data, self.offset, hi), self.offset
+        elif self.offset:
+            log.info("the loader is not sequential: re-reading (not computing) the %d rows "
+                     "before this shard", self.offset)
         if start:
             log.info("resuming a DataLoader source: re-reading (not recomputing) %d rows", start)
-        row = 0
-        for batch in self.data:
+        for batch in data:
             x, index = _split(batch, None, batched=True)
             b = len(x)
             index = torch.arange(row, row + b) if index is None else torch.as_tensor(index)
-            if row + b > start:
-                skip = max(0, start - row)
-                yield x[skip:], index[skip:]
+            if row + b > lo:
+                skip, keep = max(0, lo - row), min(b, hi - row)
+                yield x[skip:keep], index[skip:keep]
             row += b
+            if row >= hi:
+                break
 
 
 class _AsyncWriter:
@@ -295,6 +349,7 @@ def capture(
     progress: bool = True,
     resume: bool = True,
     overwrite: bool = False,
+    distributed: DistContext | bool | None = None,
 ) -> ActivationStore:
     """Run ``model`` over ``data`` and stream the chosen layers' activations to an HDF5 store.
 
@@ -339,6 +394,14 @@ def capture(
     overwrite
         Replace whatever is at ``path``. Without it, a file captured with another model
         (fingerprint), layer set, dtype, pooling or size is refused.
+    distributed
+        Multi-process runs (:mod:`dissect.distributed`): ``None`` detects an initialized
+        process group or ``torchrun``'s variables, ``False`` forces one process, or pass a
+        :class:`~dissect.distributed.DistContext`. Then each rank captures a contiguous shard
+        of whole batches into ``<path>.shards/rank{r:05d}-of-{W:05d}.h5`` (resumable on its
+        own), rank 0 publishes ``path`` as a virtual store over the shards, and every rank
+        returns it: it reads exactly like a single-process store. ``device=None`` (or
+        ``"cuda"``) means ``cuda:LOCAL_RANK``; only rank 0 shows a progress bar.
 
     Returns
     -------
@@ -362,7 +425,8 @@ def capture(
     ):
         raise DissectError(f"grads_for must be a class index or a callable, got {grads_for!r}")
     names = resolve_layers(model, layers)
-    dev = resolve_device(device)
+    ctx = resolve_distributed(distributed, device)
+    dev = ctx.device(device) if ctx is not None else resolve_device(device)
     path = Path(path)
     source = _Source(data, batch_size, num_workers, dev)
     model.to(dev)
@@ -374,6 +438,9 @@ def capture(
         "n_samples": source.n,
         "gradients": grads_for is not None,
     }
+    if ctx is not None:
+        return _capture_sharded(ctx, model, source, names, path, settings, pool, grads_for, dev,
+                                progress and ctx.is_main, resume, overwrite)
     start = 0
     if path.exists() and not overwrite:
         done, start = _existing(path, settings, resume)
@@ -389,6 +456,80 @@ def capture(
     return ActivationStore(path)
 
 
+def _capture_sharded(
+    ctx: DistContext,
+    model: nn.Module,
+    source: _Source,
+    names: list[str],
+    path: Path,
+    settings: dict[str, Any],
+    pool: Pool,
+    grads_for: Target | None,
+    dev: torch.device,
+    progress: bool,
+    resume: bool,
+    overwrite: bool,
+) -> ActivationStore:
+    """One rank's part of a multi-process capture: its shard, then the published store."""
+    prints = ctx.gather("compare the models of the ranks", settings["fingerprint"])
+    differ = [r for r, p in enumerate(prints) if p != prints[0]]
+    if differ:
+        raise DissectError(
+            f"ranks {differ} hold another model than rank 0 (the weights' fingerprints differ): "
+            "load the same weights on every rank (or seed a random initialization)"
+        )
+    n, align = source.n, source.align
+
+    def published() -> bool:
+        if not path.exists():
+            return False
+        if overwrite:
+            path.unlink()
+            return False
+        done, _ = _existing(path, settings, resume)
+        if done is None:
+            raise StoreError(
+                f"{path} is an unfinished single-process capture: finish it in one process, or "
+                f"pass overwrite=True (--overwrite) to capture it with {ctx.world_size} processes"
+            )
+        done.close()
+        return True
+
+    if ctx.on_main(f"check {path}", published):
+        return ActivationStore(path)
+    rows = ctx.shard(n, align)
+    shard = shard_path(path, ctx.rank, ctx.world_size)
+    error: Exception | None = None
+    try:
+        if rows:
+            source.restrict(rows)
+            info = shard_attr(ctx.rank, ctx.world_size, rows)
+            shard_settings = {**settings, "n_samples": len(rows), "shard": info}
+            start = 0
+            done = None
+            if shard.exists() and not overwrite:
+                done, start = _existing(shard, shard_settings, resume)
+            if done is not None:
+                done.close()
+            else:
+                shard.parent.mkdir(parents=True, exist_ok=True)
+                was_training = model.training
+                model.eval()
+                try:
+                    _run(model, source, names, shard, start, shard_settings, pool, grads_for,
+                         dev, progress, attrs={"shard": info})
+                finally:
+                    model.train(was_training)
+    except Exception as exc:  # every rank learns of it at the next step
+        error = exc
+    with ctx.phase("wait for the shards"):
+        ctx.agree(f"capture of the shards of {path}", error)
+    with ctx.phase("publish"):
+        ctx.on_main(f"publish {path}",
+                    lambda: str(publish_shards(path, ctx.world_size, n, align)))
+    return ActivationStore(path)
+
+
 def _run(
     model: nn.Module,
     source: _Source,
@@ -400,6 +541,7 @@ def _run(
     grads_for: Target | None,
     dev: torch.device,
     progress: bool,
+    attrs: dict[str, Any] | None = None,
 ) -> None:
     torch_dtype = getattr(torch, settings["dtype"])
 
@@ -459,6 +601,7 @@ def _run(
                         "model": f"{type(model).__module__}.{type(model).__qualname__}",
                         "fingerprint": settings["fingerprint"],
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        **(attrs or {}),
                     },
                 )
                 writer = StoreWriter(path)
