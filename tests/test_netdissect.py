@@ -233,6 +233,9 @@ def test_cli_and_reproduction_script_on_written_broden(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "layer2" in printed and "detectors" in printed
     assert (out / "layer3.csv").is_file() and (out / "netdissect.json").is_file()
+    assert len(list((out / "units" / "layer3").glob("unit_*.png"))) == 64  # for the report
+    assert main(["report", str(out), "--quiet"]) == 0
+    assert (out / "report" / "layer-layer3.html").is_file()
     script = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_netdissect.py"
     spec = importlib.util.spec_from_file_location("reproduce_netdissect", script)
     module = importlib.util.module_from_spec(spec)

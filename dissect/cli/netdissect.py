@@ -7,6 +7,7 @@ split across the ranks (:mod:`dissect.distributed`); only rank 0 writes the CSV/
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from ._common import add_common, add_model_args, out, split_list
@@ -27,6 +28,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--categories", default=None, help="comma-separated categories (all)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                    help="stored activation dtype (float16)")
+    p.add_argument("--unit-images", type=int, default=64, metavar="N",
+                   help="draw the top images of the N best units per layer for the report "
+                        "(64; 0: none)")
+    p.add_argument("--top-k", type=int, default=5, help="top images per unit drawn (5)")
     add_dist_timeout(p)
     add_common(p)
     return p
@@ -58,10 +63,20 @@ def run(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, device=args.device,
                          progress=not args.quiet, num_workers=args.num_workers,
                          distributed=distributed)
-        store.close()
         if ctx is None or ctx.is_main:  # every rank holds the same result; one writes it
             result.to_csv(args.out)
             result.to_json(args.out / "netdissect.json")
+            (args.out / "run.json").write_text(json.dumps(
+                {"model": args.model, "weights": args.weights, "dataset": args.dataset,
+                 "images": len(data), "layers": layers, "device": str(args.device or "auto")}))
+            if args.unit_images > 0:
+                from ..report import render_unit_images
+
+                render_unit_images(result, store, data, args.out / "units",
+                                   units=args.unit_images, k=args.top_k,
+                                   progress=not args.quiet)
             out(result.summary())
-            out(f"wrote {args.out / 'netdissect.json'} and one CSV per layer in {args.out}")
+            out(f"wrote {args.out / 'netdissect.json'} and one CSV per layer in {args.out}; "
+                f"`dissect report {args.out}` renders the report")
+        store.close()
     return 0
