@@ -144,6 +144,8 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
         nav.append(("attribution", "attribution.html"))
 
     body = [_overview(run, result)]
+    method = run.get("deconv_method", "deconvnet")
+    deconv_caption = "deconvnet patches" if method == "deconvnet" else f"{method} patches"
     if result is not None:
         body.append("<h2>Network Dissection: detectors per category</h2>")
         body.append(pages.detector_table(result))
@@ -158,7 +160,7 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
             chart = concept_bar_chart(result, layer,
                                       report / "figures" / f"concepts-{pages.slug(layer)}.png")
             html = pages.layer_body(result, layer, _unit_images(results, report, layer),
-                                    str(chart.relative_to(report)))
+                                    str(chart.relative_to(report)), deconv_caption)
             (report / pages.layer_page_name(layer)).write_text(
                 pages.page(f"{layer}: units", html, nav, script=True))
     if probes is not None:

@@ -79,7 +79,8 @@ def probe_table(probes: Any) -> str:
                   "selectivity", "chance", ""], rows, raw=True)
 
 
-def unit_card(unit: Any, images: dict[str, str], color: str) -> str:
+def unit_card(unit: Any, images: dict[str, str], color: str,
+              deconv_caption: str = "deconvnet patches") -> str:
     """One unit's card: label, category, IoU, threshold, its images."""
     det = "1" if unit.is_detector else "0"
     cls = "card detector" if unit.is_detector else "card"
@@ -95,7 +96,7 @@ def unit_card(unit: Any, images: dict[str, str], color: str) -> str:
         parts.append(f'<img src="{esc(images["top"])}" loading="lazy" '
                      f'alt="top images of unit {unit.unit}">')
     extra = [(k, t) for k, t in (("actmax", "activation maximization"),
-                                 ("deconv", "deconvnet patches")) if k in images]
+                                 ("deconv", deconv_caption)) if k in images]
     if extra:
         parts.append('<div class="extra">' + "".join(
             f'<figure><img src="{esc(images[k])}" loading="lazy" alt="{esc(t)} of unit '
@@ -105,12 +106,14 @@ def unit_card(unit: Any, images: dict[str, str], color: str) -> str:
     return "".join(parts)
 
 
-def layer_body(result: Any, layer: str, images: dict[int, dict[str, str]], chart: str) -> str:
+def layer_body(result: Any, layer: str, images: dict[int, dict[str, str]], chart: str,
+               deconv_caption: str = "deconvnet patches") -> str:
     """A layer page: the concept chart, the controls, the gallery of unit cards."""
     colors = category_colors(result.categories)
     units = sorted(result.units(layer), key=lambda u: -u.iou)
     shown = [u for u in units if u.unit in images] or units
-    cards = "".join(unit_card(u, images.get(u.unit, {}), colors[u.category]) for u in shown)
+    cards = "".join(unit_card(u, images.get(u.unit, {}), colors[u.category], deconv_caption)
+                    for u in shown)
     options = "".join(f'<option value="{esc(c)}">{esc(c)}</option>' for c in result.categories)
     note = "" if len(shown) == len(units) else \
         f" Showing the {len(shown)} units with the highest IoU of {len(units)}."
