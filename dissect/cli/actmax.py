@@ -1,0 +1,76 @@
+"""``dissect actmax``: feature visualizations of a layer's units as PNGs (one per unit + grid)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ._common import add_common, add_model_args, out, units
+
+HELP = "activation maximization: the image each unit of a layer wants to see (PNG)"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register the subcommand on ``sub`` (an argparse subparsers object)."""
+    p = sub.add_parser("actmax", help=HELP, description=HELP)
+    add_model_args(p)
+    p.add_argument("--layer", required=True, help="layer name (see `dissect layers MODEL`)")
+    p.add_argument("--units", type=units, default=None,
+                   help="channels to visualize, e.g. 0-63 or 3,7,9 (default: all of the layer)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output folder: OUT/<layer>/unit_<k>.png and OUT/<layer>_grid.png")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (128)")
+    p.add_argument("--steps", type=int, default=512, help="optimization steps (512)")
+    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (0.05)")
+    p.add_argument("--param", default="fft", choices=["fft", "pixel"],
+                   help="image parametrization (fft)")
+    p.add_argument("--no-decorrelate", action="store_true",
+                   help="optimize plain RGB instead of the decorrelated colour basis")
+    p.add_argument("--transforms", default="standard", choices=["standard", "none"],
+                   help="random transforms each step (standard: Lucid's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p.add_argument("--ncol", type=int, default=8, help="grid columns (8)")
+    add_common(p, batch=64)
+    return p
+
+
+def _channels(model: torch.nn.Module, layer: str, size: int, normalize, dev) -> int:
+    """Channel count of ``layer`` from one forward pass of a grey image."""
+    from ..hooks import Trace
+
+    x = normalize(torch.full((1, 3, size, size), 0.5, device=dev))
+    with torch.inference_mode(), Trace(model, layer, stop=True,
+                                       transform=lambda n, t: tuple(t.shape)) as tr:
+        model(x)
+    return tr.outputs[layer][1]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Visualize units of one layer; write one PNG per unit and a grid."""
+    from .. import actmax
+    from .._device import resolve_device
+    from ..hooks import resolve_layers
+    from ..models import load_model
+
+    model, transform = load_model(args.model, args.weights)
+    (layer,) = resolve_layers(model, args.layer)
+    dev = resolve_device(args.device)
+    model.to(dev)
+    normalize = getattr(transform, "normalize", transform)
+    chosen = args.units
+    if chosen is None:
+        chosen = list(range(_channels(model, layer, args.size, normalize, dev)))
+    images = actmax.visualize(
+        model, [actmax.channel(layer, u) for u in chosen], size=args.size, steps=args.steps,
+        lr=args.lr, param=args.param, decorrelate=not args.no_decorrelate,
+        transforms=None if args.transforms == "none" else "standard",
+        batch=args.batch_size, seed=args.seed, device=dev, progress=not args.quiet,
+        normalize=normalize,
+    )
+    paths = actmax.save_unit_images(images, args.out, layer, chosen)
+    grid = actmax.save_grid(images, args.out / f"{layer}_grid.png", ncol=args.ncol,
+                            labels=[f"{layer}:{u}" for u in chosen])
+    out(f"wrote {len(paths)} unit images of {layer} to {args.out / layer} and the grid {grid}")
+    return 0
