@@ -33,6 +33,7 @@ def test_capture_from_image_folder(tmp_path, capsys):
     assert f"wrote {out}" in capsys.readouterr().out
     with ActivationStore(out) as store:
         assert store.complete and store["layer4"].shape == (5, 512)
+        assert store.meta["dataset"] == str(folder)  # recorded for later analyses
 
 
 def test_errors_are_one_line(tmp_path, capsys):
@@ -63,3 +64,14 @@ def test_help_lists_every_subcommand(capsys):
 
     for name in COMMANDS:
         assert f"\n    {name}" in text and f"dissect {name}" in text, name
+
+
+def test_common_options_in_every_subcommand():
+    from dissect.cli import COMMANDS, build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name in COMMANDS:
+        options = {o for a in sub.choices[name]._actions for o in a.option_strings}
+        expected = {"--quiet"} if name == "report" else {
+            "--device", "--batch-size", "--num-workers", "--quiet"}
+        assert expected <= options, name

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, dtype=args.dtype, pool=args.pool,
             grads_for=args.grads_for, device=args.device, num_workers=args.num_workers,
             progress=not args.quiet, resume=not args.no_resume, overwrite=args.overwrite,
-            distributed=ctx if ctx is not None else False,
+            distributed=ctx if ctx is not None else False, dataset=args.data,
         )
         if ctx is None or ctx.is_main:
             for layer in store.layers:

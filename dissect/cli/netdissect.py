@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         store = capture(model, data, layers, args.out / "activations.h5",
                         batch_size=args.batch_size, dtype=args.dtype, device=args.device,
                         num_workers=args.num_workers, progress=not args.quiet,
-                        distributed=distributed)
+                        distributed=distributed, dataset=args.dataset)
         categories = split_list(args.categories) if args.categories else None
         result = dissect(store, data, layers, quantile=args.quantile,
                          iou_threshold=args.iou_threshold, categories=categories,

@@ -350,6 +350,7 @@ def capture(
     resume: bool = True,
     overwrite: bool = False,
     distributed: DistContext | bool | None = None,
+    dataset: str | None = None,
 ) -> ActivationStore:
     """Run ``model`` over ``data`` and stream the chosen layers' activations to an HDF5 store.
 
@@ -402,6 +403,10 @@ def capture(
         own), rank 0 publishes ``path`` as a virtual store over the shards, and every rank
         returns it: it reads exactly like a single-process store. ``device=None`` (or
         ``"cuda"``) means ``cuda:LOCAL_RANK``; only rank 0 shows a progress bar.
+    dataset
+        The data-source spec (``"synthetic:1000"``, ``"broden:PATH"``, a folder...), recorded
+        as the store's ``dataset`` attribute so later analyses can reopen the same data (e.g.
+        ``dissect probe STORE --labels targets``). The CLI records its ``--data``.
 
     Returns
     -------
@@ -440,7 +445,7 @@ def capture(
     }
     if ctx is not None:
         return _capture_sharded(ctx, model, source, names, path, settings, pool, grads_for, dev,
-                                progress and ctx.is_main, resume, overwrite)
+                                progress and ctx.is_main, resume, overwrite, dataset)
     start = 0
     if path.exists() and not overwrite:
         done, start = _existing(path, settings, resume)
@@ -450,7 +455,8 @@ def capture(
     was_training = model.training
     model.eval()
     try:
-        _run(model, source, names, path, start, settings, pool, grads_for, dev, progress)
+        _run(model, source, names, path, start, settings, pool, grads_for, dev, progress,
+             attrs={"dataset": dataset} if dataset else None)
     finally:
         model.train(was_training)
     return ActivationStore(path)
@@ -469,6 +475,7 @@ def _capture_sharded(
     progress: bool,
     resume: bool,
     overwrite: bool,
+    dataset: str | None = None,
 ) -> ActivationStore:
     """One rank's part of a multi-process capture: its shard, then the published store."""
     prints = ctx.gather("compare the models of the ranks", settings["fingerprint"])
@@ -517,7 +524,8 @@ def _capture_sharded(
                 model.eval()
                 try:
                     _run(model, source, names, shard, start, shard_settings, pool, grads_for,
-                         dev, progress, attrs={"shard": info})
+                         dev, progress,
+                         attrs={"shard": info, **({"dataset": dataset} if dataset else {})})
                 finally:
                     model.train(was_training)
     except Exception as exc:  # every rank learns of it at the next step
