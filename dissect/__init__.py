@@ -3,13 +3,40 @@
 Public API (re-exported names only; each lives in a module named for what it does)::
 
     from dissect import Trace, capture, layer_names, ActivationStore, load_model, DissectError
+    from dissect import dissect_units, reconstruct, visualize, probe, integrated_gradients
+
+``import dissect`` stays light: the analyses (and torchvision, OpenCV, matplotlib) load on first
+use of their names. Each also has its module: ``dissect.netdissect``, ``dissect.deconvnet``,
+``dissect.actmax``, ``dissect.probes``, ``dissect.attribution``, ``dissect.report``.
 """
+
+from importlib import import_module
 
 from .errors import DataError, DissectError, LayerNotFoundError, ModelSpecError, StoreError
 from .hooks import Trace, capture, layer_names
 from .store import ActivationStore
 
 __version__ = "0.1.0"
+
+_LAZY = {  # public name -> (module, attribute)
+    "load_model": ("models", "load_model"),
+    "dissect_units": ("netdissect", "dissect"),
+    "DissectionResult": ("netdissect", "DissectionResult"),
+    "reconstruct": ("deconvnet", "reconstruct"),
+    "top_patches": ("deconvnet", "top_patches"),
+    "receptive_field": ("deconvnet", "receptive_field"),
+    "visualize": ("actmax", "visualize"),
+    "invert": ("actmax", "invert"),
+    "probe": ("probes", "probe"),
+    "ProbeResult": ("probes", "ProbeResult"),
+    "saliency": ("attribution", "saliency"),
+    "grad_x_input": ("attribution", "grad_x_input"),
+    "smoothgrad": ("attribution", "smoothgrad"),
+    "integrated_gradients": ("attribution", "integrated_gradients"),
+    "occlusion": ("attribution", "occlusion"),
+    "grad_cam": ("attribution", "grad_cam"),
+    "write_report": ("report", "write_report"),
+}
 
 __all__ = [
     "ActivationStore",
@@ -21,14 +48,18 @@ __all__ = [
     "Trace",
     "capture",
     "layer_names",
-    "load_model",
     "__version__",
+    *_LAZY,
 ]
 
 
-def __getattr__(name: str):  # load_model imports torchvision; keep `import dissect` light
-    if name == "load_model":
-        from .models import load_model
-
-        return load_model
+def __getattr__(name: str):
+    """Load an analysis's public name on first use (PEP 562)."""
+    if name in _LAZY:
+        module, attribute = _LAZY[name]
+        return getattr(import_module(f".{module}", __name__), attribute)
     raise AttributeError(f"module 'dissect' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from ..errors import DissectError
 
 COMMANDS = (
-    "layers", "capture", "netdissect", "attribute", "deconv", "actmax", "invert", "report",
-    "demo",
+    "layers", "capture", "netdissect", "probe", "attribute", "deconv", "actmax", "invert",
+    "report", "demo",
 )
 
 EPILOG = """examples:
@@ -30,6 +30,7 @@ EPILOG = """examples:
       --out r18.h5 --device cuda
   dissect netdissect torchvision:resnet18 --weights r18.pth --dataset broden:broden1_224 \\
       --layers layer3,layer4 --out r18-dissect --device cuda
+  dissect probe acts.h5 --labels targets --out probes      # or --labels labels.npy
   dissect attribute mobilenet_v2-imagenet --image samples --method ig --out maps
   dissect attribute torchvision:resnet18 --weights r18.pth --image cat.jpg --method gradcam \\
       --target 281 --out maps --device cuda
@@ -37,6 +38,8 @@ EPILOG = """examples:
   dissect actmax mobilenet_v2-imagenet --layer features.10 --units 0-63 --out actmax
   dissect invert mobilenet_v2-imagenet --layer features.6 --image cat.jpg --out inverted
   dissect report r18-dissect          # writes r18-dissect/report/index.html
+  torchrun --nproc_per_node=8 -m dissect netdissect torchvision:resnet18 --weights r18.pth \
+      --dataset broden:broden1_224 --layers layer4 --out r18-dissect   # one process per GPU
   dissect demo --out demo-out
 
 run `dissect COMMAND --help` for a command's options.
