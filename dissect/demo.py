@@ -59,7 +59,7 @@ class DemoSettings:
     def full(cls) -> DemoSettings:
         """About 1,000 concept images, 48 units per layer shown, 4 visualized."""
         return cls(images=1000, image_size=112, gallery_units=48, top_k=5, best_units=4,
-                   actmax_size=96, actmax_steps=128, patches=9, ig_steps=32,
+                   actmax_size=112, actmax_steps=160, patches=9, ig_steps=32,
                    occlusion_window=56, photos=6)
 
     @classmethod
@@ -213,7 +213,7 @@ def _attributions(model, transform, photos, directory, settings, dev, batch_size
     w = settings.occlusion_window
     maps = {
         "integrated gradients": integrated_gradients(
-            model, x_cl, targets, steps=settings.ig_steps, batch_size=batch_size * 2,
+            model, x_cl, targets, steps=settings.ig_steps, batch_size=batch_size,
             device=dev, progress=progress),
         "grad-cam": grad_cam(model, x, targets, GRAD_CAM_LAYER, device=dev),
         "occlusion": occlusion(model, x_cl, targets, window=(3, w, w), stride=(3, w // 2, w // 2),
