@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import numbers
 from collections.abc import Callable, Iterator, Sequence
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._device import resolve_device
+from .._device import model_run_device
 from ..errors import DissectError
 from ..hooks import Trace, resolve_layers
 from ..hooks.trace import first_tensor
@@ -33,12 +32,6 @@ POSTFIX_EVERY = 16  # steps between progress-bar updates of the objective (a dev
 # --------------------------------------------------------------------------- plumbing
 
 
-def _model_device(model: nn.Module) -> torch.device | None:
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return None
-
-
 @contextlib.contextmanager
 def _prepared(model: nn.Module, device: str | torch.device | None,
               layers: Sequence[str]) -> Iterator[tuple[nn.Module, torch.device]]:
@@ -48,10 +41,7 @@ def _prepared(model: nn.Module, device: str | torch.device | None,
     The caller's model is left as it is, unless it cannot be copied: then it is moved to the
     device and put in eval mode, and every module's mode is restored on exit.
     """
-    if not isinstance(model, nn.Module):
-        raise DissectError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    dev = _model_device(model) if device is None else None
-    dev = dev if dev is not None and dev.type != "cpu" else resolve_device(device)
+    dev = model_run_device(model, device)
     runner = fast_copy(model, dev, layers)
     modes = []
     if runner is model:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import numbers
 from collections.abc import Callable, Iterator, Sequence
@@ -13,7 +11,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._device import resolve_device
 from ..errors import DissectError
 
 log = logging.getLogger("dissect.attribution")
@@ -179,39 +176,6 @@ def as_baseline(baseline: Any, x: torch.Tensor, what: str = "baseline") -> torch
             f"{tuple(x.shape)}: give a number, one input's shape {tuple(x.shape[1:])}, or the "
             "inputs' shape"
         ) from None
-
-
-def model_device(model: nn.Module) -> torch.device | None:
-    """The device of the model's first parameter or buffer (``None`` if it has neither)."""
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return None
-
-
-@contextlib.contextmanager
-def prepared(model: nn.Module, device: str | torch.device | None) -> Iterator[torch.device]:
-    """Move ``model`` to the device and put it in eval mode; restore every module's mode.
-
-    ``device=None`` keeps a model that is already on an accelerator (``cuda:1`` stays there);
-    otherwise it is :func:`dissect._device.resolve_device`'s choice (CUDA when available).
-
-    Gradients are enabled inside (also under a caller's ``no_grad`` or ``inference_mode``).
-    Parameter ``.grad`` fields are never touched: gradients are taken with
-    ``torch.autograd.grad`` with respect to the inputs only.
-    """
-    if not isinstance(model, nn.Module):
-        raise DissectError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    dev = model_device(model) if device is None else None
-    dev = dev if dev is not None and dev.type != "cpu" else resolve_device(device)
-    model.to(dev)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            yield dev
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def to_device(x: torch.Tensor, dev: torch.device) -> torch.Tensor:

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._device import prepared
 from ..errors import DissectError
 from ..hooks import Trace
-from ._core import Target, check_input, check_target, prepared, scores, to_device
+from ._core import Target, check_input, check_target, scores, to_device
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area", "linear", "trilinear")
 

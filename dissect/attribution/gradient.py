@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._device import prepared
 from ..errors import DissectError
 from ._core import (
     DEFAULT_BATCH_SIZE,
@@ -22,7 +23,6 @@ from ._core import (
     forward_scores,
     gradient,
     log,
-    prepared,
     progress_bar,
     row_chunks,
     segments,

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._device import prepared
 from ..errors import DissectError
 from ._core import (
     DEFAULT_BATCH_SIZE,
@@ -21,7 +22,6 @@ from ._core import (
     empty_rows,
     forward_scores,
     log,
-    prepared,
     progress_bar,
     row_chunks,
     scores,

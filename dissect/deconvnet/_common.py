@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._device import resolve_device
 from ..errors import DissectError
 from ..hooks import StopForward, resolve_layers
 from ..hooks.trace import first_tensor
@@ -70,35 +68,6 @@ def check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise DissectError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
-
-
-def model_device(model: nn.Module) -> torch.device | None:
-    """The device of the model's first parameter or buffer (``None`` if it has neither)."""
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return None
-
-
-@contextlib.contextmanager
-def prepared(model: nn.Module, device: str | torch.device | None) -> Iterator[torch.device]:
-    """Move ``model`` to the device, put it in eval mode, enable gradients; restore modes.
-
-    ``device=None`` keeps a model that is already on an accelerator; otherwise it is
-    :func:`dissect._device.resolve_device`'s choice (CUDA when available).
-    """
-    if not isinstance(model, nn.Module):
-        raise DissectError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    dev = model_device(model) if device is None else None
-    dev = dev if dev is not None and dev.type != "cpu" else resolve_device(device)
-    model.to(dev)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            yield dev
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 class LayerOutput:

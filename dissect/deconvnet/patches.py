@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .._device import prepared
 from ..errors import DataError, DissectError, StoreError
 from ..store import ActivationStore
 from ._common import (
@@ -25,7 +26,6 @@ from ._common import (
     check_unit_range,
     check_units,
     one_layer,
-    prepared,
     progress_bar,
 )
 from ._rules import report_others

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._device import prepared
 from ..errors import DissectError
 from ._common import (
     check_input,
@@ -17,7 +18,6 @@ from ._common import (
     check_unit_range,
     check_units,
     one_layer,
-    prepared,
     progress_bar,
     run_to_layer,
 )

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._device import prepared
 from ..errors import DissectError
-from ._common import one_layer, prepared, run_to_layer
+from ._common import one_layer, run_to_layer
 from ._rules import SupportMode
 
 log = logging.getLogger("dissect.deconvnet")

@@ -36,6 +36,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def concept_bar_chart(result: Any, layer: str, path: str | Path, *, top: int = 40) -> Path:
     """Bar chart of detectors per concept in ``layer``, colored by category.
 
@@ -76,12 +85,7 @@ def concept_bar_chart(result: Any, layer: str, path: str | Path, *, top: int = 4
     ax.set_title(f"{layer}: {len(detectors)} detectors, "
                  f"{len({u.concept for u in detectors})} unique concepts", fontsize=10)
     ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def category_chart(result: Any, path: str | Path) -> Path:
@@ -112,9 +116,4 @@ def category_chart(result: Any, path: str | Path) -> Path:
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     ax.legend(fontsize=8, frameon=False, bbox_to_anchor=(1.0, 1.0), loc="upper left")
     ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
