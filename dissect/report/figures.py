@@ -74,14 +74,18 @@ def concept_bar_chart(result: Any, layer: str, path: str | Path, *, top: int = 4
         ax.bar(range(len(counts)), [n for _, n in counts],
                color=[colors[cat] for (_, cat), _ in counts])
         ax.set_xticks(range(len(counts)), names, rotation=90, fontsize=8)
+        ax.set_xlim(-0.75, max(len(counts), 10) - 0.25)  # a few concepts: narrow bars
         seen = list(dict.fromkeys(cat for (_, cat), _ in counts))
         handles = [plt.Rectangle((0, 0), 1, 1, color=colors[c]) for c in seen]
-        ax.legend(handles, seen, fontsize=8, frameon=False)
+        ax.legend(handles, seen, fontsize=8, frameon=False, loc="upper right")
     else:
         ax.text(0.5, 0.5, f"no unit has IoU > {result.iou_threshold}", ha="center",
                 va="center", transform=ax.transAxes)
         ax.set_xticks([])
     ax.set_ylabel("detectors")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"{layer}: {len(detectors)} detectors, "
                  f"{len({u.concept for u in detectors})} unique concepts", fontsize=10)
     ax.spines[["top", "right"]].set_visible(False)
