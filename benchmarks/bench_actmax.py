@@ -63,8 +63,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
-import platform
 import sys
 import time
 import warnings
@@ -76,19 +74,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import load_text  # noqa: E402
+from _common import machine_text as common_machine_text
 
-import dissect  # noqa: E402
 from dissect.actmax import make_grid, visualize  # noqa: E402
 from dissect.models import load_model  # noqa: E402
 
 TARGET = 4.0
 IMPLS = ("ours", "lucent one-per-call", "lucent batched")
-
-
-def load_text() -> str:
-    if not hasattr(os, "getloadavg"):
-        return "load average n/a"
-    return f"load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
 
 
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Tensor]:
@@ -184,14 +177,7 @@ def machine_text(device: torch.device) -> str:
                    f"kornia {kornia.__version__}"
     except ImportError:
         versions = "torch-lucent not installed"
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
-    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    return (
-        f"machine: {platform.platform()}, os.cpu_count()={os.cpu_count()}, usable CPUs={cpus}\n"
-        f"python {platform.python_version()}, torch {torch.__version__} (threads "
-        f"{torch.get_num_threads()}), {versions}, dissect {dissect.__version__}\n"
-        f"device: {device}{gpu}; {load_text()}"
-    )
+    return common_machine_text(device, versions)
 
 
 def save_side_by_side(path: Path, results: dict[str, torch.Tensor], units: list[int]) -> None:

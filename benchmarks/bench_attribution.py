@@ -49,8 +49,6 @@ import argparse
 import gc
 import json
 import logging
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -61,8 +59,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import NOISE_NOTE, load_text  # noqa: E402
+from _common import machine_text as common_machine_text
 
-import dissect  # noqa: E402
 from dissect.attribution import integrated_gradients, occlusion  # noqa: E402
 from dissect.datasets import SampleImages  # noqa: E402
 from dissect.models import load_model  # noqa: E402
@@ -252,12 +251,6 @@ def spawn_memory(method: str, impl: str, args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------- report
 
 
-def load_text() -> str:
-    if not hasattr(os, "getloadavg"):
-        return "load average n/a"
-    return f"load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
-
-
 def machine_text(device: torch.device) -> str:
     try:
         import captum
@@ -265,16 +258,7 @@ def machine_text(device: torch.device) -> str:
         captum_version = captum.__version__
     except ImportError:
         captum_version = "not installed"
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
-    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    return (
-        f"machine: {platform.platform()}, {platform.machine()}, os.cpu_count()={os.cpu_count()}"
-        f", usable CPUs={cpus}\n"
-        f"python {platform.python_version()}, torch {torch.__version__} "
-        f"(threads {torch.get_num_threads()}, interop {torch.get_num_interop_threads()}), "
-        f"captum {captum_version}, dissect {dissect.__version__}\n"
-        f"device: {device}{gpu}; {load_text()}"
-    )
+    return common_machine_text(device, f"captum {captum_version}")
 
 
 def print_times(results: list[dict], args: argparse.Namespace) -> None:
@@ -377,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = torch.device(args.device)
     print(machine_text(device), flush=True)
-    print("NOTE: other processes may share this machine; timings are noisy, hence alternating "
-          "repeats, medians and minima, and the load average next to each run.", flush=True)
+    print(NOISE_NOTE, flush=True)
 
     memory: list[dict] = []
     if not args.skip_memory:  # first, while nothing else of this script runs

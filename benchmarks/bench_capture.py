@@ -46,8 +46,6 @@ import cProfile
 import gc
 import io
 import json
-import os
-import platform
 import pstats
 import resource
 import statistics
@@ -61,10 +59,11 @@ from pathlib import Path
 
 import torch
 import torchvision
+from _common import load_text  # noqa: E402
+from _common import machine_text as common_machine_text
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-import dissect
 from dissect import capture
 
 TARGET = 1.10
@@ -490,24 +489,8 @@ def print_memory(results: list[dict], notes: list[str], batch_size: int) -> None
 def machine_text(device: torch.device) -> str:
     import h5py
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
-    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    return (
-        f"machine: {platform.platform()}, {platform.machine()}, os.cpu_count()={os.cpu_count()}"
-        f", usable CPUs={cpus}\n"
-        f"python {platform.python_version()}, torch {torch.__version__} "
-        f"(threads {torch.get_num_threads()}, interop {torch.get_num_interop_threads()}), "
-        f"torchvision {torchvision.__version__}, h5py {h5py.__version__}, "
-        f"dissect {dissect.__version__}\n"
-        f"device: {device}{gpu}; {load_text()}"
-    )
-
-
-def load_text() -> str:
-    """The 1-minute load average: above the CPU count, other processes compete for the CPUs."""
-    if not hasattr(os, "getloadavg"):
-        return "load average n/a"
-    return f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
+    return common_machine_text(
+        device, f"torchvision {torchvision.__version__}, h5py {h5py.__version__}")
 
 
 def print_table(results: list[Result], tl_version: str | None) -> None:

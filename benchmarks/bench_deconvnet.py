@@ -48,8 +48,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -63,8 +61,9 @@ import torchvision.transforms.functional as TF
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import load_text  # noqa: E402
+from _common import machine_text as common_machine_text
 
-import dissect  # noqa: E402
 from dissect.datasets import SampleImages  # noqa: E402
 from dissect.deconvnet import receptive_field, top_patches  # noqa: E402
 from dissect.hooks import StopForward, capture  # noqa: E402
@@ -137,12 +136,6 @@ class Views(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def load_text() -> str:
-    if not hasattr(os, "getloadavg"):
-        return "load average n/a"
-    return f"load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
-
-
 def machine_text(device: torch.device) -> str:
     try:
         import captum
@@ -150,11 +143,7 @@ def machine_text(device: torch.device) -> str:
         captum_version = captum.__version__
     except ImportError:
         captum_version = "not installed"
-    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    return (f"machine: {platform.platform()}, os.cpu_count()={os.cpu_count()}\n"
-            f"python {platform.python_version()}, torch {torch.__version__} (threads "
-            f"{torch.get_num_threads()}), captum {captum_version}, dissect "
-            f"{dissect.__version__}\ndevice: {device}{gpu}; {load_text()}")
+    return common_machine_text(device, f"captum {captum_version}")
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:

@@ -50,15 +50,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import load_text  # noqa: E402
 
 LAYERS = ("layer2", "layer3", "layer4")
 MODES = ("1 proc x 1 thread", "1 proc x 2 threads", "2 procs x 1 thread")
-
-
-def load_text() -> str:
-    if not hasattr(os, "getloadavg"):
-        return "load average n/a"
-    return f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
 
 
 def digest(arrays: dict[str, np.ndarray]) -> str:

@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -56,8 +54,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import NOISE_NOTE, load_text  # noqa: E402
+from _common import machine_text as common_machine_text
 
-import dissect  # noqa: E402
 from dissect.datasets import SyntheticConcepts  # noqa: E402
 from dissect.hooks import capture  # noqa: E402
 from dissect.models import Preprocess, load_model  # noqa: E402
@@ -69,24 +68,11 @@ ACC_TARGET = 1.0  # points
 LAYERS = [f"features.{i}" for i in range(19)]
 
 
-def load_text() -> str:
-    if not hasattr(os, "getloadavg"):
-        return "load average n/a"
-    return f"load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
-
-
 def machine_text(device: torch.device) -> str:
     import sklearn
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
-    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    return (
-        f"machine: {platform.platform()}, os.cpu_count()={os.cpu_count()}, usable CPUs={cpus}\n"
-        f"python {platform.python_version()}, torch {torch.__version__} (threads "
-        f"{torch.get_num_threads()}), scikit-learn {sklearn.__version__}, numpy "
-        f"{np.__version__}, dissect {dissect.__version__}\n"
-        f"device: {device}{gpu}; {load_text()}"
-    )
+    return common_machine_text(
+        device, f"scikit-learn {sklearn.__version__}, numpy {np.__version__}")
 
 
 def get_store(args: argparse.Namespace) -> tuple[ActivationStore, np.ndarray]:
@@ -225,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = torch.device(args.device)
     print(machine_text(device), flush=True)
-    print("NOTE: other processes may share this machine; timings are noisy, hence alternating "
-          "repeats, medians and minima, and the load average next to each run.", flush=True)
+    print(NOISE_NOTE, flush=True)
     store, y = get_store(args)
     opts = ProbeOptions()
     from threadpoolctl import threadpool_limits  # installed with scikit-learn
