@@ -20,6 +20,14 @@ def load_text() -> str:
     return f"load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
 
 
+def version_of(module: str) -> str:
+    """``module``'s ``__version__``, or ``"not installed"``."""
+    try:
+        return str(getattr(__import__(module), "__version__", "?"))
+    except ImportError:
+        return "not installed"
+
+
 def machine_text(device: torch.device, versions: str) -> str:
     """Three lines: the machine, the software (``versions``: the peers'), the device and load."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"

@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import NOISE_NOTE, load_text  # noqa: E402
+from _common import NOISE_NOTE, load_text, version_of  # noqa: E402
 from _common import machine_text as common_machine_text
 
 from dissect.attribution import integrated_gradients, occlusion  # noqa: E402
@@ -252,13 +252,7 @@ def spawn_memory(method: str, impl: str, args: argparse.Namespace) -> dict:
 
 
 def machine_text(device: torch.device) -> str:
-    try:
-        import captum
-
-        captum_version = captum.__version__
-    except ImportError:
-        captum_version = "not installed"
-    return common_machine_text(device, f"captum {captum_version}")
+    return common_machine_text(device, f"captum {version_of('captum')}")
 
 
 def print_times(results: list[dict], args: argparse.Namespace) -> None:

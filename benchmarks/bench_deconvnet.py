@@ -61,7 +61,10 @@ import torchvision.transforms.functional as TF
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import load_text  # noqa: E402
+from _common import (
+    load_text,  # noqa: E402
+    version_of,
+)
 from _common import machine_text as common_machine_text
 
 from dissect.datasets import SampleImages  # noqa: E402
@@ -137,13 +140,7 @@ class Views(torch.utils.data.Dataset):
 
 
 def machine_text(device: torch.device) -> str:
-    try:
-        import captum
-
-        captum_version = captum.__version__
-    except ImportError:
-        captum_version = "not installed"
-    return common_machine_text(device, f"captum {captum_version}")
+    return common_machine_text(device, f"captum {version_of('captum')}")
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
