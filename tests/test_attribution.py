@@ -295,11 +295,22 @@ def test_smoothgrad_sigma_conversion_matches_captum_noise_tunnel(captum_attr):
 
 def test_smoothgrad_noise_is_reproducible_and_independent_of_batching(net):
     model, x, _ = net
-    a = smoothgrad(model, x, TARGETS, n=4, batch_size=3, device=CPU, progress=False)
-    b = smoothgrad(model, x, TARGETS, n=4, batch_size=None, device=CPU, progress=False)
-    alone = smoothgrad(model, x[1:], TARGETS[1], n=4, batch_size=3, device=CPU, progress=False)
-    assert_equal_to(a, b)
-    assert_equal_to(a[1:], alone)
+    runs = {}
+    for name, xs, target, batch_size in (("a", x, TARGETS, 3), ("b", x, TARGETS, None),
+                                         ("alone", x[1:], TARGETS[1], 3)):
+        rec = Recorder(model)
+        runs[name] = smoothgrad(rec, xs, target, n=4, batch_size=batch_size, device=CPU,
+                                progress=False)
+        runs[name + " rows"] = torch.cat(rec.inputs)  # step-major: row r is input r % B
+    a, b, alone = runs["a"], runs["b"], runs["alone"]
+    # the noisy rows are bit-identical however they are batched, and input 1's noise does not
+    # depend on input 0 being there
+    assert torch.equal(runs["a rows"], runs["b rows"])
+    assert torch.equal(runs["a rows"][1::2], runs["alone rows"])
+    # the maps agree up to the batch-size-dependent rounding of the convolutions (which can
+    # flip a ReLU gate of a random-init network, so not always to 1e-5 elementwise)
+    for ours, ref in ((a, b), (a[1:], alone)):
+        assert float((ours - ref).norm() / ref.norm()) < 1e-2
     other = smoothgrad(model, x, TARGETS, n=4, seed=1, device=CPU, progress=False)
     assert (a - other).abs().max() > 0.01 * a.abs().max()
 
