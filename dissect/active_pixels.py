@@ -5,7 +5,8 @@ the unit's threshold: the top 0.5%, so a sparse set. A bilinear value is a conve
 the four corner values of its cell, so it can only exceed ``T`` inside cells whose largest corner
 does; only those cells are visited (a few percent of the image area). Within such a cell and one
 output row the value is linear in the column weight, so the row's active pixels are one interval
-computed in closed form: the work is per cell row plus per active pixel. Values are
+computed in closed form: the work is per cell row (:func:`active_intervals` returns the
+intervals; :func:`active_pixels` expands them). Values are
 computed in float64 and compared with a margin that bounds any float32 implementation's rounding
 (the weights' error grows with the input size); the rare pixels inside the margin are settled by
 ``F.interpolate`` itself, so the result always equals
@@ -81,6 +82,34 @@ def active_pixels(
         ``F.interpolate(maps, size, mode="bilinear", align_corners=False)[b, k, y, x] > T[k]``,
         exactly that set (in no particular order).
     """
+    b, k, y, x0, x1 = active_intervals(maps, thresholds, size, cache)
+    counts = x1 - x0
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    x = (x0 - starts).index_select(0, owner) + torch.arange(len(owner), device=counts.device)
+    return b.index_select(0, owner), k.index_select(0, owner), y.index_select(0, owner), x
+
+
+def active_intervals(
+    maps: torch.Tensor,
+    thresholds: torch.Tensor,
+    size: tuple[int, int],
+    cache: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The active pixels as row intervals: what :func:`active_pixels` returns, unexpanded.
+
+    Parameters
+    ----------
+    maps, thresholds, size, cache
+        As for :func:`active_pixels`.
+
+    Returns
+    -------
+    b, k, y, x0, x1
+        1-D long tensors, one entry per interval: pixels ``(b, k, y, x)`` with
+        ``x0 <= x < x1`` are active. Intervals are disjoint, non-empty and cover exactly the
+        active pixels (a row may hold several; in no particular order).
+    """
     maps = maps.float()
     B, K, h, w = maps.shape
     sh, sw = size
@@ -103,11 +132,12 @@ def active_pixels(
     cb, ck, ci, cj = torch.nonzero(cand, as_tuple=True)
     empty = torch.empty(0, dtype=torch.long, device=dev)
     if cb.numel() == 0:
-        return empty, empty, empty, empty
+        return empty, empty, empty, empty, empty
     # Within one cell and one output row the bilinear value is linear in the column weight wx,
     # and wx grows with the column: the row's active pixels form one interval, found in closed
-    # form (searchsorted on the cell's weights). Only the pixels of those intervals, plus the
-    # few within the rounding margin of T (settled exactly below), are ever materialized.
+    # form (searchsorted on the cell's weights). The sure intervals are returned as they are;
+    # only the few pixels within the rounding margin of T are materialized (and settled exactly
+    # below).
     flat = maps.double().reshape(-1)
     plane = (cb * K + ck) * (h * w)
     top, bottom = plane + ci * w, plane + ay.upper[ci] * w
@@ -162,25 +192,33 @@ def active_pixels(
         un_lo = torch.where(up, poss_lo, sure_hi)
         un_hi = torch.where(up, torch.minimum(sure_lo, poss_hi), poss_hi)
         un_hi = torch.maximum(un_hi, un_lo)
-        for parts, lo, hi in ((sure_parts, sure_lo, sure_hi), (unsure_parts, un_lo, un_hi)):
-            counts = hi - lo
-            if not bool((counts > 0).any()):
-                continue
+        keep = torch.nonzero(sure_hi > sure_lo).squeeze(1)  # sure pixels: one interval per row
+        if len(keep):
+            c_idx = cell.index_select(0, keep)
+            col0 = first.index_select(0, keep)
+            sure_parts.append(torch.stack([cb.index_select(0, c_idx), ck.index_select(0, c_idx),
+                                           row.index_select(0, keep),
+                                           col0 + sure_lo.index_select(0, keep),
+                                           col0 + sure_hi.index_select(0, keep)]))
+        counts = un_hi - un_lo  # the unsure pixels, one by one (a few per map)
+        if bool((counts > 0).any()):
             owner = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts)
             starts = torch.cumsum(counts, 0) - counts
-            pos = (lo - starts).index_select(0, owner) + torch.arange(int(counts.sum()),
-                                                                     device=dev)
-            col = first.index_select(0, owner) + pos
+            pos = (un_lo - starts).index_select(0, owner) + torch.arange(int(counts.sum()),
+                                                                        device=dev)
             c_idx = cell.index_select(0, owner)
-            parts.append(torch.stack([cb.index_select(0, c_idx), ck.index_select(0, c_idx),
-                                      row.index_select(0, owner), col]))
+            unsure_parts.append(torch.stack([cb.index_select(0, c_idx),
+                                             ck.index_select(0, c_idx),
+                                             row.index_select(0, owner),
+                                             first.index_select(0, owner) + pos]))
         s = e
-    found = torch.cat(sure_parts, dim=1) if sure_parts else empty.view(4, 0)
+    found = torch.cat(sure_parts, dim=1) if sure_parts else empty.view(5, 0)
     if unsure_parts:
         amb = torch.cat(unsure_parts, dim=1)
-        found = torch.cat([found, amb[:, _settle(maps, thr, size, amb, cache)]], dim=1)
-    b, k, y, x = found
-    return b, k, y, x
+        amb = amb[:, _settle(maps, thr, size, amb, cache)]
+        found = torch.cat([found, torch.cat([amb, amb[3:4] + 1])], dim=1)
+    b, k, y, x0, x1 = found
+    return b, k, y, x0, x1
 
 
 def _single_maps_round_alike(maps: torch.Tensor, size: tuple[int, int], cache: dict) -> bool:

@@ -13,7 +13,9 @@ For every unit ``k`` of a layer and concept ``c`` of a :class:`~dissect.datasets
   covers its whole image. ``IoU[k, c] = I / (A[k, cat(c)] + L[c] - I)`` with ``cat(c)`` the
   concept's primary category. A unit is a detector when its best IoU exceeds ``iou_threshold``.
 
-Counts are exact integers (int64 tallies; float64 matrix products of integers below 2**53).
+Counts are exact integers (int64 tallies; float64 sums and matrix products of integers below
+2**53). The intersections are counted per active row interval, not per pixel: each label row is
+cut into runs of one concept and an interval adds its overlap with each run it touches.
 
 Across processes (``torchrun``, :mod:`dissect.distributed`) each rank reads a contiguous shard
 of the store's rows; the thresholds are merged exactly (:func:`dissect.stats.exact_quantiles`
@@ -41,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ._device import resolve_device
-from .active_pixels import active_pixels
+from .active_pixels import active_intervals
 from .datasets.concepts import Concept, collate
 from .distributed import DistContext
 from .distributed import resolve as resolve_distributed
@@ -65,6 +67,58 @@ class UnitResult:
     iou: float
     threshold: float
     is_detector: bool
+
+
+def _interval_label_counts(
+    codes: torch.Tensor,
+    b: torch.Tensor,
+    k: torch.Tensor,
+    y: torch.Tensor,
+    x0: torch.Tensor,
+    x1: torch.Tensor,
+    units: int,
+    concepts: int,
+) -> torch.Tensor:
+    """``(K, C)`` exact counts of each concept under each unit's active row intervals.
+
+    Every label row is cut into runs of one code; an interval ``[x0, x1)`` of row ``(b, y)``
+    overlaps the runs ``run_id[x0] .. run_id[x1 - 1]`` of each plane, and adds each overlap's
+    length to its code. Intervals are a few pixels long and runs tens, so most overlap one run:
+    the work is per interval and plane, not per pixel.
+    """
+    B, P, sh, sw = codes.shape
+    dev = codes.device
+    flat = codes.reshape(-1)
+    begins = torch.ones_like(flat, dtype=torch.bool)
+    begins[1:] = flat[1:] != flat[:-1]
+    begins.view(-1, sw)[:, 0] = True  # every row starts a run
+    run_start = torch.nonzero(begins).squeeze(1)
+    run_end = torch.cat([run_start[1:], run_start.new_tensor([flat.numel()])])
+    run_code = flat.index_select(0, run_start)
+    run_id = torch.cumsum(begins, 0) - 1
+    planes = torch.arange(P, device=dev)
+    base = (((b * P)[:, None] + planes) * sh + y[:, None]) * sw  # (M, P) row offsets
+    lo, hi = (base + x0[:, None]).reshape(-1), (base + x1[:, None]).reshape(-1)
+    r0 = run_id.index_select(0, lo)
+    kk = k.repeat_interleave(P) * (concepts + 1)
+    # the first run under each interval ...
+    keys = [kk + run_code.index_select(0, r0)]
+    weights = [torch.minimum(hi, run_end.index_select(0, r0)) - lo]
+    # ... and, for the few intervals that cross run boundaries, the following runs
+    n_more = run_id.index_select(0, hi - 1) - r0
+    many = torch.nonzero(n_more).squeeze(1)
+    if len(many):
+        nm = n_more.index_select(0, many)
+        owner = torch.repeat_interleave(many, nm)
+        offset = torch.arange(len(owner), device=dev) - torch.repeat_interleave(
+            torch.cumsum(nm, 0) - nm, nm)
+        run = r0.index_select(0, owner) + 1 + offset
+        part = torch.minimum(hi.index_select(0, owner), run_end.index_select(0, run))
+        keys.append(kk.index_select(0, owner) + run_code.index_select(0, run))
+        weights.append(part - run_start.index_select(0, run))
+    counts = torch.bincount(torch.cat(keys), weights=torch.cat(weights).double(),
+                            minlength=units * (concepts + 1))
+    return counts.view(units, concepts + 1)[:, 1:].round().long()
 
 
 class IoUTally:
@@ -118,7 +172,7 @@ class IoUTally:
             self._lut = torch.cat(
                 [self._lut, self._lut.new_zeros(int(labels.max()) + 1 - len(self._lut))]
             )
-        return self._lut[labels.clamp(min=0)]
+        return self._lut.index_select(0, labels.clamp(min=0).reshape(-1)).view(labels.shape)
 
     def add(
         self,
@@ -144,13 +198,13 @@ class IoUTally:
             ``(B, n_categories)`` bool.
         """
         B, K = maps.shape[:2]
-        sh, sw = pixel_labels.shape[-2:]
+        P, sh, sw = pixel_labels.shape[1:]
         C = len(self.concepts)
         dev = self.device
         codes = self._codes(pixel_labels)  # (B, P, sh, sw), column + 1
-        for p in range(1, codes.shape[1]):  # a concept in two planes of one pixel counts once
+        for p in range(1, P):  # a concept in two planes of one pixel counts once
             dup = (codes[:, p : p + 1] == codes[:, :p]).any(dim=1) & (codes[:, p] > 0)
-            codes[:, p][dup] = 0
+            codes[:, p].masked_fill_(dup, 0)
         img_codes = self._codes(image_labels)  # (B, L)
         img_hot = torch.zeros(B, C + 1, dtype=torch.float64, device=dev)
         img_hot.scatter_(1, img_codes, 1.0)
@@ -158,18 +212,17 @@ class IoUTally:
         # concept areas
         self.area += torch.bincount(codes.reshape(-1), minlength=C + 1)[1:]
         self.area += (img_hot.sum(dim=0) * (sh * sw)).round().long()
-        # active pixels
-        b, k, y, x = active_pixels(maps.to(dev), thresholds.to(dev), (sh, sw), self._geometry)
-        per_image = torch.bincount(b * K + k, minlength=B * K).view(B, K).double()
+        # active pixels, as row intervals [x0, x1)
+        b, k, y, x0, x1 = active_intervals(maps.to(dev), thresholds.to(dev), (sh, sw),
+                                           self._geometry)
+        length = (x1 - x0).double()
+        per_image = torch.bincount(b * K + k, weights=length, minlength=B * K).double()
+        per_image = per_image.view(B, K)
         ann = annotated.to(dev).double()
         self.active += (per_image.T @ ann).round().long()
         self.intersection += (per_image.T @ img_hot).round().long()
-        if codes.shape[1]:
-            per_pixel = codes.permute(0, 2, 3, 1).reshape(-1, codes.shape[1])  # (B*sh*sw, P)
-            hit = per_pixel.index_select(0, (b * sh + y) * sw + x)  # (n, P)
-            flat = (k[:, None] * (C + 1) + hit).reshape(-1)
-            counts = torch.bincount(flat, minlength=K * (C + 1)).view(K, C + 1)
-            self.intersection += counts[:, 1:]
+        if P and len(b):
+            self.intersection += _interval_label_counts(codes, b, k, y, x0, x1, K, C)
 
     def merge(self, other: IoUTally) -> None:
         """Add another tally of the same layer and concepts (e.g. from another process)."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dissect.active_pixels import active_mask_dense, active_pixels
+from dissect.active_pixels import active_intervals, active_mask_dense, active_pixels
 
 
 def _sparse_as_dense(maps, thr, size):
@@ -46,6 +46,21 @@ def test_thresholds_equal_to_exact_pixel_values():
     sparse = _sparse_as_dense(flat, thr, (9, 9))
     torch.testing.assert_close(sparse, active_mask_dense(flat, thr, (9, 9)))
     assert sparse[0, 1].all()
+
+
+@pytest.mark.parametrize("hw, size", [((7, 7), (112, 112)), ((5, 9), (37, 20)), ((9, 9), (4, 4))])
+def test_intervals_are_disjoint_non_empty_and_cover_the_dense_mask(hw, size):
+    g = torch.Generator().manual_seed(11)
+    maps = torch.randn(3, 8, *hw, generator=g)
+    up = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    thr = torch.quantile(up.transpose(0, 1).reshape(8, -1), 0.9, dim=1)
+    b, k, y, x0, x1 = active_intervals(maps, thr, size)
+    assert bool((x1 > x0).all()) and bool((x0 >= 0).all()) and bool((x1 <= size[1]).all())
+    cover = torch.zeros(3, 8, *size, dtype=torch.int64)
+    for i in range(len(b)):  # test-side reference: paint every interval
+        cover[b[i], k[i], y[i], x0[i] : x1[i]] += 1
+    assert int(cover.max()) == 1  # disjoint
+    torch.testing.assert_close(cover.bool(), active_mask_dense(maps, thr, size))
 
 
 def test_no_active_pixels():
