@@ -69,40 +69,48 @@ class UnitResult:
     is_detector: bool
 
 
+def _plane_histograms(labels: torch.Tensor, n_labels: int) -> torch.Tensor:
+    """``(P, n_labels)`` int64 counts of each label number in each plane of ``(B, P, ...)``."""
+    P = labels.shape[1]
+    shape = (1, P) + (1,) * (labels.ndim - 2)
+    offset = (torch.arange(P, device=labels.device) * n_labels).view(shape)
+    return torch.bincount((labels + offset).reshape(-1), minlength=P * n_labels).view(P, n_labels)
+
+
 def _interval_label_counts(
-    codes: torch.Tensor,
+    labels: torch.Tensor,
     b: torch.Tensor,
     k: torch.Tensor,
     y: torch.Tensor,
     x0: torch.Tensor,
     x1: torch.Tensor,
     units: int,
-    concepts: int,
+    n_labels: int,
 ) -> torch.Tensor:
-    """``(K, C)`` exact counts of each concept under each unit's active row intervals.
+    """``(K, n_labels)`` exact counts of each label number under each unit's row intervals.
 
-    Every label row is cut into runs of one code; an interval ``[x0, x1)`` of row ``(b, y)``
-    overlaps the runs ``run_id[x0] .. run_id[x1 - 1]`` of each plane, and adds each overlap's
-    length to its code. Intervals are a few pixels long and runs tens, so most overlap one run:
-    the work is per interval and plane, not per pixel.
+    ``labels`` is ``(B, P, sh, sw)``. Every label row is cut into runs of one label; an
+    interval ``[x0, x1)`` of row ``(b, y)`` overlaps the runs ``run_id[x0] .. run_id[x1 - 1]``
+    of each plane and adds each overlap's length to its label. Intervals are a few pixels long
+    and runs tens, so most overlap one run: the work is per interval and plane, not per pixel.
     """
-    B, P, sh, sw = codes.shape
-    dev = codes.device
-    flat = codes.reshape(-1)
+    B, P, sh, sw = labels.shape
+    dev = labels.device
+    flat = labels.reshape(-1)
     begins = torch.ones_like(flat, dtype=torch.bool)
     begins[1:] = flat[1:] != flat[:-1]
     begins.view(-1, sw)[:, 0] = True  # every row starts a run
     run_start = torch.nonzero(begins).squeeze(1)
     run_end = torch.cat([run_start[1:], run_start.new_tensor([flat.numel()])])
-    run_code = flat.index_select(0, run_start)
+    run_label = flat.index_select(0, run_start)
     run_id = torch.cumsum(begins, 0) - 1
     planes = torch.arange(P, device=dev)
     base = (((b * P)[:, None] + planes) * sh + y[:, None]) * sw  # (M, P) row offsets
     lo, hi = (base + x0[:, None]).reshape(-1), (base + x1[:, None]).reshape(-1)
     r0 = run_id.index_select(0, lo)
-    kk = k.repeat_interleave(P) * (concepts + 1)
+    kk = k.repeat_interleave(P) * n_labels
     # the first run under each interval ...
-    keys = [kk + run_code.index_select(0, r0)]
+    keys = [kk + run_label.index_select(0, r0)]
     weights = [torch.minimum(hi, run_end.index_select(0, r0)) - lo]
     # ... and, for the few intervals that cross run boundaries, the following runs
     n_more = run_id.index_select(0, hi - 1) - r0
@@ -114,11 +122,11 @@ def _interval_label_counts(
             torch.cumsum(nm, 0) - nm, nm)
         run = r0.index_select(0, owner) + 1 + offset
         part = torch.minimum(hi.index_select(0, owner), run_end.index_select(0, run))
-        keys.append(kk.index_select(0, owner) + run_code.index_select(0, run))
+        keys.append(kk.index_select(0, owner) + run_label.index_select(0, run))
         weights.append(part - run_start.index_select(0, run))
     counts = torch.bincount(torch.cat(keys), weights=torch.cat(weights).double(),
-                            minlength=units * (concepts + 1))
-    return counts.view(units, concepts + 1)[:, 1:].round().long()
+                            minlength=units * n_labels)
+    return counts.view(units, n_labels).round().long()
 
 
 class IoUTally:
@@ -157,6 +165,7 @@ class IoUTally:
         lut = torch.zeros(max(numbers, default=0) + 1, dtype=torch.int64)
         lut[torch.tensor(numbers, dtype=torch.int64)] = torch.arange(1, C + 1)
         self._lut = lut.to(self.device)  # label number -> column + 1 (0: not scored)
+        self._numbers = torch.tensor(numbers, dtype=torch.int64, device=self.device)
         self._geometry: dict = {}  # active_pixels' per-layer cache
         cat_index = {c: i for i, c in enumerate(self.categories)}
         missing = {c.category for c in self.concepts} - set(cat_index)
@@ -201,16 +210,26 @@ class IoUTally:
         P, sh, sw = pixel_labels.shape[1:]
         C = len(self.concepts)
         dev = self.device
-        codes = self._codes(pixel_labels)  # (B, P, sh, sw), column + 1
-        for p in range(1, P):  # a concept in two planes of one pixel counts once
-            dup = (codes[:, p : p + 1] == codes[:, :p]).any(dim=1) & (codes[:, p] > 0)
-            codes[:, p].masked_fill_(dup, 0)
+        labels = pixel_labels.to(dev, torch.int64)  # (B, P, sh, sw) label numbers
+        low, high = torch.aminmax(labels) if labels.numel() else (labels.new_zeros(()),) * 2
+        if int(low) < 0:  # no label
+            labels = labels.clamp(min=0)
+        n_labels = max(len(self._lut), int(high) + 1)
+        hist = _plane_histograms(labels, n_labels)  # (P, n_labels)
+        if bool(((hist[:, 1:] > 0).sum(0) > 1).any()):
+            # some label occurs in two planes of this batch: a concept in two planes of one
+            # pixel counts once (only then are the planes compared pixel by pixel)
+            labels = labels.clone()
+            for p in range(1, P):
+                dup = (labels[:, p : p + 1] == labels[:, :p]).any(dim=1) & (labels[:, p] > 0)
+                labels[:, p].masked_fill_(dup, 0)
+            hist = _plane_histograms(labels, n_labels)
         img_codes = self._codes(image_labels)  # (B, L)
         img_hot = torch.zeros(B, C + 1, dtype=torch.float64, device=dev)
         img_hot.scatter_(1, img_codes, 1.0)
         img_hot = img_hot[:, 1:]  # (B, C): each image-level concept at most once per image
         # concept areas
-        self.area += torch.bincount(codes.reshape(-1), minlength=C + 1)[1:]
+        self.area += hist.sum(0).index_select(0, self._numbers)
         self.area += (img_hot.sum(dim=0) * (sh * sw)).round().long()
         # active pixels, as row intervals [x0, x1)
         b, k, y, x0, x1 = active_intervals(maps.to(dev), thresholds.to(dev), (sh, sw),
@@ -222,7 +241,8 @@ class IoUTally:
         self.active += (per_image.T @ ann).round().long()
         self.intersection += (per_image.T @ img_hot).round().long()
         if P and len(b):
-            self.intersection += _interval_label_counts(codes, b, k, y, x0, x1, K, C)
+            counts = _interval_label_counts(labels, b, k, y, x0, x1, K, n_labels)
+            self.intersection += counts.index_select(1, self._numbers)
 
     def merge(self, other: IoUTally) -> None:
         """Add another tally of the same layer and concepts (e.g. from another process)."""

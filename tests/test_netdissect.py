@@ -112,6 +112,19 @@ def test_iou_equals_naive_loop(tmp_path, hw, seg, dtype):
     assert result.concepts == ds.concepts and result.layers == ["conv"]
 
 
+def test_unscored_and_out_of_table_labels_are_ignored(tmp_path):
+    # label 9 is in no concept row (beyond the table's largest number), 6 is a gap in it
+    rng = np.random.default_rng(5)
+    acts = rng.standard_normal((9, 4, 4, 4)).astype(np.float32)
+    ds = TinyConcepts(9, (16, 16), seed=3)
+    ds.pixel[:, 0][rng.random(ds.pixel[:, 0].shape) < 0.2] = 9
+    ds.pixel[:, 1][rng.random(ds.pixel[:, 1].shape) < 0.1] = 6
+    store = _store(tmp_path / "a.h5", acts)
+    result = dissect(store, ds, quantile=0.05, batch_size=4, progress=False)
+    ref_iou, _ = _naive_iou(store["conv"][:], ds, 0.05)
+    np.testing.assert_array_equal(result.iou("conv"), ref_iou)
+
+
 def test_annotated_category_rule(tmp_path):
     """A unit active everywhere; 'rim' covers half of image 0; 'part' annotated on image 0 only."""
     ds = TinyConcepts(2, (4, 4))
