@@ -55,6 +55,46 @@ def _axis(in_size: int, out_size: int, device: torch.device) -> _Axis:
     return _Axis(upper, w1, members, counts, start, 4.0 * cell.double() + w1)
 
 
+def _row_range(corners: torch.Tensor, ci: torch.Tensor, ay: _Axis
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """First output row and row count of each candidate cell worth visiting.
+
+    ``corners`` is ``(n, 6)``: ``a00, a01, a10, a11, T, m``. Along a cell's left edge the value
+    is ``a00 + (a10 - a00) wy``, along its right edge ``a01 + (a11 - a01) wy``; a row can hold
+    a possible pixel only where one of them reaches ``T - m``. Each edge's rows form an
+    interval of ``wy`` (one search in the axis keys); the result is the hull of both,
+    widened by a row on each side.
+    """
+    a00, a01, a10, a11, t, m = corners.unbind(1)
+    tau = t - 2 * m
+    dev = corners.device
+    n_y = ay.count.index_select(0, ci)
+    start = ay.start.index_select(0, ci)
+    band = 4.0 * ci.double()
+    below = torch.tensor(float("-inf"), dtype=torch.float64, device=dev)
+    zero = torch.zeros_like(n_y)
+    ranges = []
+    for e0, e1 in ((a00, a10), (a01, a11)):
+        d = e1 - e0
+        up, down = d > 0, d < 0
+        safe = torch.where(up | down, d, torch.ones_like(d))
+        cross = band + ((tau - e0) / safe).clamp(-1.0, 2.0)
+        # rising edge: rows with wy >= cross; falling: rows with wy <= cross
+        idx = torch.searchsorted(ay.keys, torch.where(up, torch.nextafter(cross, below), cross),
+                                 right=True) - start
+        lo = torch.where(up, idx, zero)
+        hi = torch.where(up, n_y, torch.where(down, idx, torch.where(e0 >= tau, n_y, zero)))
+        ranges.append((lo, torch.maximum(hi, lo)))
+    (lo_l, hi_l), (lo_r, hi_r) = ranges
+    empty_l, empty_r = hi_l == lo_l, hi_r == lo_r
+    lo = torch.where(empty_l, lo_r, torch.where(empty_r, lo_l, torch.minimum(lo_l, lo_r)))
+    hi = torch.where(empty_l, hi_r, torch.where(empty_r, hi_l, torch.maximum(hi_l, hi_r)))
+    some = hi > lo
+    lo = torch.where(some, (lo - 1).clamp(min=0), lo)
+    hi = torch.where(some, torch.minimum(hi + 1, n_y), hi)
+    return start + lo, hi - lo
+
+
 def active_pixels(
     maps: torch.Tensor,
     thresholds: torch.Tensor,
@@ -146,7 +186,10 @@ def active_intervals(
                            flat.index_select(0, bottom + cj), flat.index_select(0, bottom + ju),
                            thr.double().index_select(0, ck),
                            margin.reshape(-1).index_select(0, cb * K + ck)], dim=1)
-    ny = ay.count[ci]
+    # Rows of a cell whose two ends (wx = 0 and 1) are both below T - 2m hold no possible pixel
+    # (the value is linear along a row): visit only each cell's hull of rows where an end can
+    # reach T - 2m (one spare row each side; the extra m dwarfs any float64 rounding here).
+    first_row, ny = _row_range(corners, ci, ay)
     row_ends = torch.cumsum(ny, 0)
     sure_parts: list[torch.Tensor] = []
     unsure_parts: list[torch.Tensor] = []
@@ -157,7 +200,7 @@ def active_intervals(
         cell = torch.repeat_interleave(torch.arange(s, e, device=dev), ny[s:e])
         r_off = torch.arange(base, int(row_ends[e - 1]), device=dev) - (row_ends - ny).index_select(
             0, cell)
-        row = ay.start.index_select(0, ci.index_select(0, cell)) + r_off
+        row = first_row.index_select(0, cell) + r_off
         a00, a01, a10, a11, t, m = corners.index_select(0, cell).unbind(1)
         wy = ay.w1.index_select(0, row)
         base_v = a00 * (1 - wy) + a10 * wy  # value at wx = 0
@@ -173,18 +216,21 @@ def active_intervals(
         x_sure = band + ((t + m - base_v) / safe).clamp(-1.0, 2.0)
         x_poss = band + ((t - m - base_v) / safe).clamp(-1.0, 2.0)
 
-        ss_r = torch.searchsorted(ax.keys, x_sure, right=True) - first
-        ss_l = torch.searchsorted(ax.keys, x_sure, right=False) - first
-        ps_l = torch.searchsorted(ax.keys, x_poss, right=False) - first
-        ps_r = torch.searchsorted(ax.keys, x_poss, right=True) - first
+        # #keys <= v (right) and #keys < v (left, = #keys <= the double just below v): one
+        # search per row gives the side each slope needs
+        below = torch.tensor(float("-inf"), dtype=torch.float64, device=dev)
+        s_idx = torch.searchsorted(
+            ax.keys, torch.where(up, x_sure, torch.nextafter(x_sure, below)), right=True) - first
+        p_idx = torch.searchsorted(
+            ax.keys, torch.where(up, torch.nextafter(x_poss, below), x_poss), right=True) - first
         zero = torch.zeros_like(n_x)
         flat_sure = base_v > t + m
         flat_poss = base_v >= t - m
         # [lo, hi) column ranges (positions within the cell) of sure and possible pixels
-        sure_lo = torch.where(up, ss_r, zero)
-        sure_hi = torch.where(up, n_x, torch.where(down, ss_l, torch.where(flat_sure, n_x, zero)))
-        poss_lo = torch.where(up, ps_l, zero)
-        poss_hi = torch.where(up, n_x, torch.where(down, ps_r, torch.where(flat_poss, n_x, zero)))
+        sure_lo = torch.where(up, s_idx, zero)
+        sure_hi = torch.where(up, n_x, torch.where(down, s_idx, torch.where(flat_sure, n_x, zero)))
+        poss_lo = torch.where(up, p_idx, zero)
+        poss_hi = torch.where(up, n_x, torch.where(down, p_idx, torch.where(flat_poss, n_x, zero)))
         sure_lo, sure_hi = sure_lo.clamp(max=n_x), sure_hi.clamp(max=n_x)
         poss_lo, poss_hi = poss_lo.clamp(max=n_x), poss_hi.clamp(max=n_x)
         sure_hi = torch.maximum(sure_hi, sure_lo)

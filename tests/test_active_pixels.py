@@ -82,3 +82,23 @@ def test_settling_modes(shape, size):
     out[b, k, y, x] = True
     torch.testing.assert_close(out, active_mask_dense(maps, thr, size))
     assert any(key[0] == "single" for key in cache)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_geometries_ties_and_exact_thresholds(seed):
+    # random map and output sizes, ReLU zeros, quantized ties, nearly constant maps, and
+    # thresholds equal to values some upsampled pixel takes exactly
+    g = torch.Generator().manual_seed(seed)
+    for it in range(6):
+        h, w = (int(v) for v in torch.randint(1, 12, (2,), generator=g))
+        sh, sw = (int(v) for v in torch.randint(1, 120, (2,), generator=g))
+        maps = torch.randn(2, 6, h, w, generator=g)
+        maps = [maps, torch.relu(maps), (maps * 4).round() / 4, maps * 1e-3 + 5][it % 4]
+        up = F.interpolate(maps, size=(sh, sw), mode="bilinear", align_corners=False)
+        if it % 3 == 0:
+            thr = torch.stack([up[k % 2, k].flatten()[(k * 7919) % (sh * sw)] for k in range(6)])
+        else:
+            q = [0.5, 0.9, 0.995][it % 3]
+            thr = torch.quantile(up.transpose(0, 1).reshape(6, -1), q, dim=1)
+        torch.testing.assert_close(_sparse_as_dense(maps, thr, (sh, sw)),
+                                   active_mask_dense(maps, thr, (sh, sw)))
