@@ -160,32 +160,45 @@ def active_intervals(
     if key not in cache:
         cache[key] = (_axis(h, sh, dev), _axis(w, sw, dev))
     ay, ax = cache[key]
-    # largest corner of every cell (cells at the border repeat their last row/column)
-    padded = F.pad(maps, (0, 1, 0, 1), mode="replicate")
-    cell_max = torch.maximum(
-        torch.maximum(padded[..., :-1, :-1], padded[..., 1:, :-1]),
-        torch.maximum(padded[..., :-1, 1:], padded[..., 1:, 1:]),
-    )
-    scale = padded.abs().amax(dim=(2, 3))  # (B, K)
-    margin = EPS32 * (2 * (max(h, w) + 1) + 8) * scale.double() + 1e-30
-    cand = cell_max >= thr.view(1, K, 1, 1) - margin.float()[:, :, None, None]
-    cb, ck, ci, cj = torch.nonzero(cand, as_tuple=True)
+    # maps whose largest value reaches T - m (the margin m bounds float32 rounding; it grows
+    # with the map's largest magnitude): only those can hold a possible pixel
+    values = maps.reshape(B * K, h * w)
+    low, high = torch.aminmax(values, dim=1)
+    scale = torch.maximum(high.abs(), low.abs())  # max |map|
+    margin = EPS32 * (2 * (max(h, w) + 1) + 8) * scale.double() + 1e-30  # (B * K,)
+    reach = thr.repeat(B) - margin.float()
+    live = torch.nonzero(high >= reach).squeeze(1)
     empty = torch.empty(0, dtype=torch.long, device=dev)
-    if cb.numel() == 0:
+    if live.numel() == 0:
         return empty, empty, empty, empty, empty
+    # largest corner of every cell of those maps (border cells repeat their last row/column)
+    padded = F.pad(values.index_select(0, live).view(-1, 1, h, w), (0, 1, 0, 1),
+                   mode="replicate")[:, 0]
+    cell_max = torch.maximum(
+        torch.maximum(padded[:, :-1, :-1], padded[:, 1:, :-1]),
+        torch.maximum(padded[:, :-1, 1:], padded[:, 1:, 1:]),
+    )
+    mi, ci, cj = torch.nonzero(cell_max >= reach.index_select(0, live)[:, None, None],
+                               as_tuple=True)
+    if mi.numel() == 0:
+        return empty, empty, empty, empty, empty
+    mapid = live.index_select(0, mi)
+    cb, ck = mapid // K, mapid % K
     # Within one cell and one output row the bilinear value is linear in the column weight wx,
     # and wx grows with the column: the row's active pixels form one interval, found in closed
     # form (searchsorted on the cell's weights). The sure intervals are returned as they are;
     # only the few pixels within the rounding margin of T are materialized (and settled exactly
     # below).
-    flat = maps.double().reshape(-1)
-    plane = (cb * K + ck) * (h * w)
+    flat = maps.reshape(-1)
+    plane = mapid * (h * w)
     top, bottom = plane + ci * w, plane + ay.upper[ci] * w
     ju = ax.upper[cj]
-    corners = torch.stack([flat.index_select(0, top + cj), flat.index_select(0, top + ju),
-                           flat.index_select(0, bottom + cj), flat.index_select(0, bottom + ju),
-                           thr.double().index_select(0, ck),
-                           margin.reshape(-1).index_select(0, cb * K + ck)], dim=1)
+    corners = torch.cat([
+        torch.stack([flat.index_select(0, top + cj), flat.index_select(0, top + ju),
+                     flat.index_select(0, bottom + cj), flat.index_select(0, bottom + ju)],
+                    dim=1).double(),
+        torch.stack([thr.double().index_select(0, ck), margin.index_select(0, mapid)], dim=1),
+    ], dim=1)
     # Rows of a cell whose two ends (wx = 0 and 1) are both below T - 2m hold no possible pixel
     # (the value is linear along a row): visit only each cell's hull of rows where an end can
     # reach T - 2m (one spare row each side; the extra m dwarfs any float64 rounding here).
