@@ -50,6 +50,7 @@ from .distributed import resolve as resolve_distributed
 from .errors import DissectError
 from .hooks.capture import capture
 from .hooks.layers import LayerSelector
+from .label_runs import drop_repeated_labels, interval_label_counts, label_runs
 from .stats import exact_quantiles
 from .store import ActivationStore
 
@@ -67,66 +68,6 @@ class UnitResult:
     iou: float
     threshold: float
     is_detector: bool
-
-
-def _plane_histograms(labels: torch.Tensor, n_labels: int) -> torch.Tensor:
-    """``(P, n_labels)`` int64 counts of each label number in each plane of ``(B, P, ...)``."""
-    P = labels.shape[1]
-    shape = (1, P) + (1,) * (labels.ndim - 2)
-    offset = (torch.arange(P, device=labels.device) * n_labels).view(shape)
-    return torch.bincount((labels + offset).reshape(-1), minlength=P * n_labels).view(P, n_labels)
-
-
-def _interval_label_counts(
-    labels: torch.Tensor,
-    b: torch.Tensor,
-    k: torch.Tensor,
-    y: torch.Tensor,
-    x0: torch.Tensor,
-    x1: torch.Tensor,
-    units: int,
-    n_labels: int,
-) -> torch.Tensor:
-    """``(K, n_labels)`` exact counts of each label number under each unit's row intervals.
-
-    ``labels`` is ``(B, P, sh, sw)``. Every label row is cut into runs of one label; an
-    interval ``[x0, x1)`` of row ``(b, y)`` overlaps the runs ``run_id[x0] .. run_id[x1 - 1]``
-    of each plane and adds each overlap's length to its label. Intervals are a few pixels long
-    and runs tens, so most overlap one run: the work is per interval and plane, not per pixel.
-    """
-    B, P, sh, sw = labels.shape
-    dev = labels.device
-    flat = labels.reshape(-1)
-    begins = torch.ones_like(flat, dtype=torch.bool)
-    begins[1:] = flat[1:] != flat[:-1]
-    begins.view(-1, sw)[:, 0] = True  # every row starts a run
-    run_start = torch.nonzero(begins).squeeze(1)
-    run_end = torch.cat([run_start[1:], run_start.new_tensor([flat.numel()])])
-    run_label = flat.index_select(0, run_start)
-    run_id = torch.cumsum(begins, 0) - 1
-    planes = torch.arange(P, device=dev)
-    base = (((b * P)[:, None] + planes) * sh + y[:, None]) * sw  # (M, P) row offsets
-    lo, hi = (base + x0[:, None]).reshape(-1), (base + x1[:, None]).reshape(-1)
-    r0 = run_id.index_select(0, lo)
-    kk = k.repeat_interleave(P) * n_labels
-    # the first run under each interval ...
-    keys = [kk + run_label.index_select(0, r0)]
-    weights = [torch.minimum(hi, run_end.index_select(0, r0)) - lo]
-    # ... and, for the few intervals that cross run boundaries, the following runs
-    n_more = run_id.index_select(0, hi - 1) - r0
-    many = torch.nonzero(n_more).squeeze(1)
-    if len(many):
-        nm = n_more.index_select(0, many)
-        owner = torch.repeat_interleave(many, nm)
-        offset = torch.arange(len(owner), device=dev) - torch.repeat_interleave(
-            torch.cumsum(nm, 0) - nm, nm)
-        run = r0.index_select(0, owner) + 1 + offset
-        part = torch.minimum(hi.index_select(0, owner), run_end.index_select(0, run))
-        keys.append(kk.index_select(0, owner) + run_label.index_select(0, run))
-        weights.append(part - run_start.index_select(0, run))
-    counts = torch.bincount(torch.cat(keys), weights=torch.cat(weights).double(),
-                            minlength=units * n_labels)
-    return counts.view(units, n_labels).round().long()
 
 
 class IoUTally:
@@ -211,19 +152,19 @@ class IoUTally:
         C = len(self.concepts)
         dev = self.device
         labels = pixel_labels.to(dev, torch.int64)  # (B, P, sh, sw) label numbers
-        low, high = torch.aminmax(labels) if labels.numel() else (labels.new_zeros(()),) * 2
-        if int(low) < 0:  # no label
+        runs = label_runs(labels)
+        if runs.label.numel() and int(runs.label.min()) < 0:  # negative: no label
             labels = labels.clamp(min=0)
-        n_labels = max(len(self._lut), int(high) + 1)
-        hist = _plane_histograms(labels, n_labels)  # (P, n_labels)
+            runs = label_runs(labels)
+        top = int(runs.label.max()) if runs.label.numel() else 0
+        n_labels = max(len(self._lut), top + 1)
+        hist = runs.histograms(n_labels)  # (P, n_labels)
         if bool(((hist[:, 1:] > 0).sum(0) > 1).any()):
             # some label occurs in two planes of this batch: a concept in two planes of one
             # pixel counts once (only then are the planes compared pixel by pixel)
-            labels = labels.clone()
-            for p in range(1, P):
-                dup = (labels[:, p : p + 1] == labels[:, :p]).any(dim=1) & (labels[:, p] > 0)
-                labels[:, p].masked_fill_(dup, 0)
-            hist = _plane_histograms(labels, n_labels)
+            labels = drop_repeated_labels(labels)
+            runs = label_runs(labels)
+            hist = runs.histograms(n_labels)
         img_codes = self._codes(image_labels)  # (B, L)
         img_hot = torch.zeros(B, C + 1, dtype=torch.float64, device=dev)
         img_hot.scatter_(1, img_codes, 1.0)
@@ -241,7 +182,7 @@ class IoUTally:
         self.active += (per_image.T @ ann).round().long()
         self.intersection += (per_image.T @ img_hot).round().long()
         if P and len(b):
-            counts = _interval_label_counts(labels, b, k, y, x0, x1, K, n_labels)
+            counts = interval_label_counts(runs, b, k, y, x0, x1, K, n_labels)
             self.intersection += counts.index_select(1, self._numbers)
 
     def merge(self, other: IoUTally) -> None:

@@ -1,0 +1,131 @@
+"""Segmentation label planes as runs, and exact label counts under row intervals.
+
+Network Dissection counts, for every unit and concept, the active pixels that carry the
+concept's label. The active pixels come as row intervals
+(:func:`dissect.active_pixels.active_intervals`); the label planes are cut into *runs*: maximal
+stretches of one row with one label. An interval overlaps the runs
+``run_id[x0] .. run_id[x1 - 1]`` of its row in each plane and adds each overlap's length to that
+run's label. Intervals are a few pixels long and runs tens, so most intervals overlap a single
+run: the work is per interval and plane, not per pixel, and the label planes are read densely
+only once (to find the runs), which also gives every plane's histogram.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LabelRuns:
+    """The runs of a ``(B, P, sh, sw)`` label tensor, over its flattened elements.
+
+    Attributes
+    ----------
+    shape
+        ``(B, P, sh, sw)``.
+    start, end
+        ``(R,)`` flat index of each run's first element and one past its last (a run never
+        crosses a row).
+    label
+        ``(R,)`` the run's label number.
+    run_id
+        ``(B * P * sh * sw,)`` the run of every element (int32 below 2**31 elements).
+    """
+
+    shape: tuple[int, int, int, int]
+    start: torch.Tensor
+    end: torch.Tensor
+    label: torch.Tensor
+    run_id: torch.Tensor
+
+    def histograms(self, n_labels: int) -> torch.Tensor:
+        """``(P, n_labels)`` int64: how many pixels of each plane carry each label."""
+        B, P, sh, sw = self.shape
+        plane = torch.div(self.start, sh * sw, rounding_mode="floor") % P
+        counts = torch.bincount(plane * n_labels + self.label,
+                                weights=(self.end - self.start).double(),
+                                minlength=P * n_labels)
+        return counts.double().round().long().view(P, n_labels)
+
+
+def label_runs(labels: torch.Tensor) -> LabelRuns:
+    """Cut every row of every plane of ``(B, P, sh, sw)`` int64 labels into runs."""
+    B, P, sh, sw = labels.shape
+    flat = labels.reshape(-1)
+    begins = torch.empty(flat.numel(), dtype=torch.bool, device=flat.device)
+    if flat.numel():
+        torch.ne(flat[1:], flat[:-1], out=begins[1:])
+        begins.view(-1, sw)[:, 0] = True  # every row starts a run
+    start = torch.nonzero(begins).squeeze(1)
+    end = torch.cat([start[1:], start.new_tensor([flat.numel()])]) if len(start) else start
+    small = flat.numel() < 2**31
+    run_id = torch.cumsum(begins, 0, dtype=torch.int32 if small else torch.int64) - 1
+    return LabelRuns((B, P, sh, sw), start, end, flat.index_select(0, start), run_id)
+
+
+def drop_repeated_labels(labels: torch.Tensor) -> torch.Tensor:
+    """A copy of ``(B, P, sh, sw)`` labels where a label already present at the same pixel in
+    an earlier plane is set to 0 (a concept in two planes of one pixel counts once)."""
+    labels = labels.clone()
+    for p in range(1, labels.shape[1]):
+        dup = (labels[:, p : p + 1] == labels[:, :p]).any(dim=1) & (labels[:, p] > 0)
+        labels[:, p].masked_fill_(dup, 0)
+    return labels
+
+
+def interval_label_counts(
+    runs: LabelRuns,
+    b: torch.Tensor,
+    k: torch.Tensor,
+    y: torch.Tensor,
+    x0: torch.Tensor,
+    x1: torch.Tensor,
+    units: int,
+    n_labels: int,
+) -> torch.Tensor:
+    """``(K, n_labels)`` exact counts of each label under each unit's row intervals.
+
+    Parameters
+    ----------
+    runs
+        :func:`label_runs` of the batch's ``(B, P, sh, sw)`` labels.
+    b, k, y, x0, x1
+        The intervals (:func:`~dissect.active_pixels.active_intervals`): pixels
+        ``x0 <= x < x1`` of row ``y`` of image ``b`` are active for unit ``k``.
+    units
+        ``K``.
+    n_labels
+        One more than the largest label number.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(K, n_labels)`` int64; column 0 counts unlabelled pixels.
+    """
+    B, P, sh, sw = runs.shape
+    dev = b.device
+    planes = torch.arange(P, device=dev)
+    base = (((b * P)[:, None] + planes) * sh + y[:, None]) * sw  # (M, P) row offsets
+    lo, hi = (base + x0[:, None]).reshape(-1), (base + x1[:, None]).reshape(-1)
+    r0 = runs.run_id.index_select(0, lo).long()
+    kk = k.repeat_interleave(P) * n_labels
+    # the first run under each interval ...
+    keys = [kk + runs.label.index_select(0, r0)]
+    weights = [torch.minimum(hi, runs.end.index_select(0, r0)) - lo]
+    # ... and, for the few intervals that cross run boundaries, the following runs
+    n_more = runs.run_id.index_select(0, hi - 1).long() - r0
+    many = torch.nonzero(n_more).squeeze(1)
+    if len(many):
+        nm = n_more.index_select(0, many)
+        owner = torch.repeat_interleave(many, nm)
+        offset = torch.arange(len(owner), device=dev) - torch.repeat_interleave(
+            torch.cumsum(nm, 0) - nm, nm)
+        run = r0.index_select(0, owner) + 1 + offset
+        part = torch.minimum(hi.index_select(0, owner), runs.end.index_select(0, run))
+        keys.append(kk.index_select(0, owner) + runs.label.index_select(0, run))
+        weights.append(part - runs.start.index_select(0, run))
+    counts = torch.bincount(torch.cat(keys), weights=torch.cat(weights).double(),
+                            minlength=units * n_labels)
+    return counts.double().round().long().view(units, n_labels)
