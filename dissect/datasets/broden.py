@@ -90,15 +90,16 @@ def read_label_png(path: str | Path) -> np.ndarray:
     DataError
         If the file is missing, unreadable, or not an 8-bit RGB(A)/8- or 16-bit gray PNG.
     """
-    if not os.path.isfile(path):
-        raise DataError(f"label PNG {path} is missing")
     arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if arr is None:
+        if not os.path.isfile(path):
+            raise DataError(f"label PNG {path} is missing")
         raise DataError(f"label PNG {path} is not a readable image")
     if arr.ndim == 2 and arr.dtype in (np.uint8, np.uint16):
         return arr.astype(np.int64)
     if arr.ndim == 3 and arr.shape[2] in (3, 4) and arr.dtype == np.uint8:
-        return arr[:, :, 2].astype(np.int64) + (arr[:, :, 1].astype(np.int64) << 8)
+        # bytes G (channel 1), R (channel 2) side by side: big-endian G * 256 + R
+        return arr[:, :, 1:3].view(">u2")[:, :, 0].astype(np.int64)
     raise DataError(
         f"label PNG {path} has shape {arr.shape} and dtype {arr.dtype}; "
         "expected 8-bit RGB with label = R + 256 * G"
@@ -252,6 +253,7 @@ class Broden(Dataset):
         self.categories: list[str] = all_categories
         self.concepts: list[Concept] = self._read_concepts()
         known_max = max([65535, *self.labels])
+        self._images_dir = str(self.root / "images")
         self._known = np.zeros(known_max + 1, dtype=bool)
         self._known[0] = True
         self._known[list(self.labels)] = True
@@ -435,27 +437,31 @@ class Broden(Dataset):
         """The pixel-label planes of item ``i`` as a ``(P, sh, sw)`` int64 array."""
         row = self._rows[i]
         out = np.empty((len(row.planes), row.sh, row.sw), dtype=np.int64)
-        where = f"{self.root / 'index.csv'} line {row.line}"
+        images = self._images_dir
         for k, (cat, name) in enumerate(row.planes):
-            path = self.root / "images" / name
+            path = os.path.join(images, name)
             try:
                 plane = read_label_png(path)
             except DataError as exc:
-                raise DataError(f"{where}: {cat} {exc}") from None
+                raise DataError(f"{self._where(row)}: {cat} {exc}") from None
             if plane.shape != (row.sh, row.sw):
                 raise DataError(
-                    f"{where}: {cat} label PNG {path} is {plane.shape[0]}x{plane.shape[1]}, but "
-                    f"the row says sh x sw = {row.sh}x{row.sw}"
+                    f"{self._where(row)}: {cat} label PNG {path} is {plane.shape[0]}x"
+                    f"{plane.shape[1]}, but the row says sh x sw = {row.sh}x{row.sw}"
                 )
-            unknown = ~self._known[np.minimum(plane, len(self._known) - 1)]
-            if unknown.any():
-                bad = sorted(set(plane[unknown].tolist()))
+            present = np.flatnonzero(np.bincount(plane.ravel()))
+            if present[-1] >= len(self._known) or not self._known[present].all():
+                bad = [int(v) for v in present
+                       if v >= len(self._known) or not self._known[v]]
                 raise DataError(
-                    f"{where}: {cat} label PNG {path} holds label number(s) {bad[:10]} "
-                    "that label.csv does not list"
+                    f"{self._where(row)}: {cat} label PNG {path} holds label number(s) "
+                    f"{bad[:10]} that label.csv does not list"
                 )
             out[k] = plane
         return out
+
+    def _where(self, row: _Row) -> str:
+        return f"{self.root / 'index.csv'} line {row.line}"
 
     def annotations(self, i: int) -> dict[str, Any]:
         """Item ``i`` without its image: ``pixel_labels``, ``image_labels``, ``annotated``,
