@@ -65,6 +65,47 @@ def label_runs(labels: torch.Tensor) -> LabelRuns:
     return LabelRuns((B, P, sh, sw), start, end, flat.index_select(0, start), run_id)
 
 
+@dataclass(frozen=True)
+class LabelBatch:
+    """A batch's pixel labels, ready for counting (shared by every layer scored on it).
+
+    Attributes
+    ----------
+    runs
+        :func:`label_runs` of the labels (after :func:`drop_repeated_labels` when needed).
+    hist
+        ``(P, n_labels)`` int64 pixels per plane and label.
+    n_labels
+        One more than the largest label number (at least the ``min_labels`` asked for).
+    """
+
+    runs: LabelRuns
+    hist: torch.Tensor
+    n_labels: int
+
+
+def label_batch(pixel_labels: torch.Tensor, device: torch.device | str = "cpu",
+                min_labels: int = 1) -> LabelBatch:
+    """Runs and histograms of ``(B, P, sh, sw)`` label numbers (0 or negative: no label).
+
+    A concept present in two planes of one pixel counts once: when some label number occurs in
+    two planes of the batch (the histograms tell), the planes are compared pixel by pixel and
+    the repeats dropped (:func:`drop_repeated_labels`); otherwise no pixel can repeat one.
+    """
+    labels = pixel_labels.to(device, torch.int64)
+    runs = label_runs(labels)
+    if runs.label.numel() and int(runs.label.min()) < 0:
+        labels = labels.clamp(min=0)
+        runs = label_runs(labels)
+    top = int(runs.label.max()) if runs.label.numel() else 0
+    n_labels = max(min_labels, top + 1)
+    hist = runs.histograms(n_labels)
+    if bool(((hist[:, 1:] > 0).sum(0) > 1).any()):
+        runs = label_runs(drop_repeated_labels(labels))
+        hist = runs.histograms(n_labels)
+    return LabelBatch(runs, hist, n_labels)
+
+
 def drop_repeated_labels(labels: torch.Tensor) -> torch.Tensor:
     """A copy of ``(B, P, sh, sw)`` labels where a label already present at the same pixel in
     an earlier plane is set to 0 (a concept in two planes of one pixel counts once)."""

@@ -50,7 +50,7 @@ from .distributed import resolve as resolve_distributed
 from .errors import DissectError
 from .hooks.capture import capture
 from .hooks.layers import LayerSelector
-from .label_runs import drop_repeated_labels, interval_label_counts, label_runs
+from .label_runs import LabelBatch, interval_label_counts, label_batch
 from .stats import exact_quantiles
 from .store import ActivationStore
 
@@ -116,6 +116,11 @@ class IoUTally:
             [cat_index[c.category] for c in self.concepts], dtype=torch.int64, device=self.device
         )
 
+    def label_batch(self, pixel_labels: torch.Tensor) -> LabelBatch:
+        """The :class:`~dissect.label_runs.LabelBatch` that :meth:`add` needs for these
+        labels (make it once per batch when several tallies count the same images)."""
+        return label_batch(pixel_labels, self.device, len(self._lut))
+
     def _codes(self, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.to(self.device, torch.int64)
         if labels.numel() and int(labels.max()) >= len(self._lut):
@@ -131,6 +136,8 @@ class IoUTally:
         pixel_labels: torch.Tensor,
         image_labels: torch.Tensor,
         annotated: torch.Tensor,
+        *,
+        labels: LabelBatch | None = None,
     ) -> None:
         """Count one batch.
 
@@ -146,25 +153,20 @@ class IoUTally:
             ``(B, L)`` image-level label numbers (0 = none).
         annotated
             ``(B, n_categories)`` bool.
+        labels
+            :func:`~dissect.label_runs.label_batch` of ``pixel_labels`` made by the caller, to
+            share it between the tallies of several layers (made here when ``None``).
         """
         B, K = maps.shape[:2]
         P, sh, sw = pixel_labels.shape[1:]
         C = len(self.concepts)
         dev = self.device
-        labels = pixel_labels.to(dev, torch.int64)  # (B, P, sh, sw) label numbers
-        runs = label_runs(labels)
-        if runs.label.numel() and int(runs.label.min()) < 0:  # negative: no label
-            labels = labels.clamp(min=0)
-            runs = label_runs(labels)
-        top = int(runs.label.max()) if runs.label.numel() else 0
-        n_labels = max(len(self._lut), top + 1)
-        hist = runs.histograms(n_labels)  # (P, n_labels)
-        if bool(((hist[:, 1:] > 0).sum(0) > 1).any()):
-            # some label occurs in two planes of this batch: a concept in two planes of one
-            # pixel counts once (only then are the planes compared pixel by pixel)
-            labels = drop_repeated_labels(labels)
-            runs = label_runs(labels)
-            hist = runs.histograms(n_labels)
+        if labels is None:
+            labels = self.label_batch(pixel_labels)
+        elif labels.n_labels < len(self._lut):
+            raise DissectError("labels= was made with fewer label numbers than this tally "
+                               "scores: use IoUTally.label_batch")
+        runs, hist, n_labels = labels.runs, labels.hist, labels.n_labels
         img_codes = self._codes(image_labels)  # (B, L)
         img_hot = torch.zeros(B, C + 1, dtype=torch.float64, device=dev)
         img_hot.scatter_(1, img_codes, 1.0)
@@ -564,7 +566,9 @@ def _dissect_store(
     # this rank's rows (all of them in one process); results are merged exactly below
     rows = ctx.shard(len(store), batch_size) if ctx is not None else range(len(store))
     progress = progress and (ctx is None or ctx.is_main)
-    iou, thresholds, top = {}, {}, {}
+    # thresholds of every layer first (each its own pass over the store) ...
+    thresholds: dict[str, np.ndarray] = {}
+    tallies: dict[str, IoUTally] = {}
     for name in names:
         ds = store[name]
         n, units, h, w = ds.shape
@@ -576,22 +580,31 @@ def _dissect_store(
                 yield block.transpose(0, 1).reshape(block.shape[1], -1)
 
         with ctx.phase("threshold merge") if ctx is not None else nullcontext():
-            thr = exact_quantiles(batches, units, n * h * w, 1 - quantile,
-                                  dtype=np.dtype(ds.dtype), device=dev, collective=ctx)
-        thresholds[name] = thr
-        tally = IoUTally(units, concepts, all_cats, device=dev)
-        loader = DataLoader(_Annotations(dataset, index[rows.start : rows.stop]),
-                            batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-        thr_t = torch.from_numpy(thr.astype(np.float32)).to(dev)
-        row = rows.start
-        bar = tqdm(total=len(rows), desc=f"netdissect {name}", unit="img", disable=not progress)
+            thresholds[name] = exact_quantiles(batches, units, n * h * w, 1 - quantile,
+                                               dtype=np.dtype(ds.dtype), device=dev,
+                                               collective=ctx)
+        tallies[name] = IoUTally(units, concepts, all_cats, device=dev)
+    # ... then one pass over the annotations for all layers: each batch's label planes are
+    # decoded and cut into runs once, and every layer's tally counts against them
+    thr_t = {name: torch.from_numpy(thresholds[name].astype(np.float32)).to(dev)
+             for name in names}
+    loader = DataLoader(_Annotations(dataset, index[rows.start : rows.stop]),
+                        batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    desc = "netdissect " + (", ".join(names) if len(names) <= 3 else f"{len(names)} layers")
+    row = rows.start
+    with tqdm(total=len(rows), desc=desc, unit="img", disable=not progress) as bar:
         for item in loader:
             b = len(item["annotated"])
-            maps = torch.from_numpy(ds[row : row + b]).to(dev, torch.float32)
-            tally.add(maps, thr_t, item["pixel_labels"], item["image_labels"], item["annotated"])
+            labels = tallies[names[0]].label_batch(item["pixel_labels"])
+            for name in names:
+                maps = torch.from_numpy(store[name][row : row + b]).to(dev, torch.float32)
+                tallies[name].add(maps, thr_t[name], item["pixel_labels"], item["image_labels"],
+                                  item["annotated"], labels=labels)
             row += b
             bar.update(b)
-        bar.close()
+    iou, top = {}, {}
+    for name in names:
+        tally = tallies[name]
         if ctx is not None:  # exact: int64 counts summed over the ranks
             with ctx.phase("count reduction"):
                 tally.load_state_dict(

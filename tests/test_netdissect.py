@@ -125,6 +125,36 @@ def test_unscored_and_out_of_table_labels_are_ignored(tmp_path):
     np.testing.assert_array_equal(result.iou("conv"), ref_iou)
 
 
+def test_layers_share_one_pass_over_the_annotations(tmp_path):
+    rng = np.random.default_rng(8)
+    acts = {"a": rng.standard_normal((11, 3, 4, 4)).astype(np.float32),
+            "b": rng.standard_normal((11, 5, 3, 5)).astype(np.float32)}
+    path = tmp_path / "two.h5"
+    create_store(path, n=11, layers={k: v.shape[1:] for k, v in acts.items()},
+                 dtype="float32", pool=None, attrs={})
+    with StoreWriter(path) as w:
+        w.write(0, np.arange(11), acts, {k: v.max(axis=(2, 3)) for k, v in acts.items()})
+        w.finish()
+    store = ActivationStore(path)
+
+    class Counting(TinyConcepts):
+        reads = 0
+
+        def __getitem__(self, i: int) -> dict:
+            Counting.reads += 1
+            return super().__getitem__(i)
+
+    ds = Counting(11, (16, 16), seed=2)
+    both = dissect(store, ds, ["a", "b"], quantile=0.05, batch_size=4, progress=False)
+    assert Counting.reads == 11  # one pass for both layers
+    for name in ("a", "b"):
+        alone = dissect(store, ds, [name], quantile=0.05, batch_size=4, progress=False)
+        np.testing.assert_array_equal(both.iou(name), alone.iou(name))
+        np.testing.assert_array_equal(both.thresholds(name), alone.thresholds(name))
+        ref, _ = _naive_iou(acts[name], ds, 0.05)
+        np.testing.assert_array_equal(both.iou(name), ref)
+
+
 def test_annotated_category_rule(tmp_path):
     """A unit active everywhere; 'rim' covers half of image 0; 'part' annotated on image 0 only."""
     ds = TinyConcepts(2, (4, 4))
