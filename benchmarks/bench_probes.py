@@ -24,6 +24,15 @@ comparison.
    ours at the same (our chosen) ``reg``; the line above them counts the layers where sklearn's
    own validation picks the same ``reg``.
 
+**Where scikit-learn runs.** In a fresh process that never imports torch
+(``_sklearn_probes.py``), given torch's thread count as OpenMP threads and, by default, one BLAS
+thread: on this project's 2-core machine OpenBLAS at 2 threads made every fit about 5x slower on
+these small problems (0.72 s at 1 BLAS thread vs 3.74 s at 2 for comparison 1, OpenMP
+threads making no difference), so one BLAS thread is scikit-learn's fastest setting here
+(``--sklearn-blas-threads 0`` gives it torch's count; ``--sklearn-here`` runs it in this
+process, as before). Its time is measured inside the worker: process start, imports and a
+warm-up fit are excluded.
+
 Both run alternately (the order flips every repeat) after an untimed warm-up; medians are
 reported with minima and the load average. Accuracy difference = max over layers of
 ``|ours - sklearn|`` test accuracy in points (target <= 1); time target: ratio >= 5.
@@ -42,13 +51,16 @@ How to run
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -56,6 +68,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import NOISE_NOTE, load_text  # noqa: E402
 from _common import machine_text as common_machine_text
+from _sklearn_probes import sk_fit, sklearn_fixed, sklearn_full  # noqa: E402
 
 from dissect.datasets import SyntheticConcepts  # noqa: E402
 from dissect.hooks import capture  # noqa: E402
@@ -95,60 +108,57 @@ def get_store(args: argparse.Namespace) -> tuple[ActivationStore, np.ndarray]:
 # --------------------------------------------------------------------------- sklearn side
 
 
-def sk_layer_data(store: ActivationStore, layer: str, train: np.ndarray, test: np.ndarray):
-    from sklearn.preprocessing import StandardScaler
+class Measured(NamedTuple):
+    """A result with the seconds its producer measured itself (a worker process)."""
 
-    x = store[layer][:]  # float32, as stored (sklearn's lbfgs keeps float32: its fastest)
-    scaler = StandardScaler().fit(x[train])
-    return scaler.transform(x[train]), scaler.transform(x[test])
-
-
-def sk_fit(x: np.ndarray, y: np.ndarray, reg: float):
-    from sklearn.linear_model import LogisticRegression
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ConvergenceWarning is reported by n_iter_
-        return LogisticRegression(C=1.0 / (reg * len(x)), tol=1e-4, max_iter=10000).fit(x, y)
+    seconds: float
+    value: Any
 
 
-def sklearn_fixed(store, y, train, test, reg) -> dict[str, tuple[float, float]]:
-    """Per layer: (train accuracy, test accuracy) of sklearn at a fixed reg."""
-    out = {}
-    for layer in LAYERS:
-        xtr, xte = sk_layer_data(store, layer, train, test)
-        clf = sk_fit(xtr, y[train], reg)
-        out[layer] = (clf.score(xtr, y[train]), clf.score(xte, y[test]))
-    return out
+def sklearn_runner(store: ActivationStore, args: argparse.Namespace):
+    """``run(job) -> result``: scikit-learn in a fresh torch-free process (default), or here.
 
-
-def sklearn_full(store, y, result, grid) -> dict[str, tuple[float, float, float]]:
-    """Per layer, sklearn doing probe()'s work: grid on the fit rows, refit, control.
-
-    Returns (chosen reg, test accuracy at our chosen reg, control test accuracy).
+    The worker (``_sklearn_probes.py``) gets ``torch.get_num_threads()`` OpenMP threads and
+    ``--sklearn-blas-threads`` BLAS threads (default 1: its fastest setting here, see the module
+    doc), and reports the time of the job alone (process start, imports and a warm-up fit
+    excluded).
     """
-    from sklearn.metrics import log_loss
+    threads = str(torch.get_num_threads())
+    if args.sklearn_here:
+        def read(layer: str) -> np.ndarray:
+            return store[layer][:]
 
-    train, test, val = result.train_index, result.test_index, result.val_index
-    fit = np.setdiff1d(train, val)
-    perm = np.random.default_rng([result.settings["seed"], 2]).permutation(len(y))
-    y_ctrl = y[perm]
-    out = {}
-    for layer in LAYERS:
-        xtr, xte = sk_layer_data(store, layer, train, test)
-        pos = {r: i for i, r in enumerate(train)}
-        fit_rows = np.array([pos[r] for r in fit])
-        val_rows = np.array([pos[r] for r in val])
-        losses = []
-        for reg in grid:
-            clf = sk_fit(xtr[fit_rows], y[fit], reg)
-            losses.append(log_loss(y[val], clf.predict_proba(xtr[val_rows]),
-                                   labels=np.unique(y)))
-        best = len(grid) - 1 - int(np.argmin(losses[::-1]))
-        reg = result[layer].reg  # compare at the same reg even where the val choice differs
-        clf = sk_fit(xtr, y[train], reg)
-        ctrl = sk_fit(xtr, y_ctrl[train], reg)
-        out[layer] = (grid[best], clf.score(xte, y[test]), ctrl.score(xte, y_ctrl[test]))
-    return out
+        def here(job: dict) -> Any:
+            y = np.asarray(job["y"])
+            ix = {k: np.asarray(job[k]) for k in ("train", "test", "val") if k in job}
+            if job["kind"] == "fixed":
+                return sklearn_fixed(read, LAYERS, y, ix["train"], ix["test"], job["reg"])
+            return sklearn_full(read, LAYERS, y, ix["train"], ix["test"], ix["val"],
+                                job["seed"], job["regs"], job["grid"])
+        return here
+
+    worker = Path(__file__).resolve().parent / "_sklearn_probes.py"
+    blas = str(args.sklearn_blas_threads or threads)
+    env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=blas,
+               MKL_NUM_THREADS=blas)
+
+    def in_process(job: dict) -> Measured:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+            json.dump({**job, "store": str(store.path), "layers": LAYERS}, fh)
+        try:
+            proc = subprocess.run([sys.executable, str(worker), fh.name], env=env,
+                                  capture_output=True, text=True)
+        finally:
+            os.unlink(fh.name)
+        for line in proc.stdout.splitlines():
+            if line.startswith("RESULT "):
+                res = json.loads(line[len("RESULT "):])
+                if res["torch_loaded"]:
+                    raise RuntimeError("the scikit-learn worker imported torch")
+                return Measured(res["seconds"], {k: tuple(v) for k, v in res["out"].items()})
+        raise RuntimeError(f"scikit-learn worker failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-2000:]}")
+    return in_process
 
 
 # --------------------------------------------------------------------------- comparison
@@ -169,6 +179,8 @@ def compare(name: str, ours_fn, theirs_fn, repeats: int, warm: bool = True) -> d
         order = ("dissect", "sklearn") if r % 2 == 0 else ("sklearn", "dissect")
         for impl in order:
             t, out = timed(ours_fn if impl == "dissect" else theirs_fn)
+            if isinstance(out, Measured):
+                t, out = out.seconds, out.value
             times[impl].append(t)
             outs[impl] = out
             print(f"    repeat {r + 1}/{repeats} {name:<10} {impl:<8} {t:7.2f} s  "
@@ -188,6 +200,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="alternating timed repeats (3)")
     p.add_argument("--skip-full", action="store_true", help="only comparison 1")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--sklearn-blas-threads", type=int, default=1,
+                   help="BLAS threads of the scikit-learn process (1; 0: as many as torch's)")
+    p.add_argument("--sklearn-here", action="store_true",
+                   help="run scikit-learn in this process (beside torch's thread pool)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of both torch and sklearn's BLAS (default: libraries' own)")
     args = p.parse_args(argv)
@@ -214,10 +230,20 @@ def main(argv: list[str] | None = None) -> int:
     print(NOISE_NOTE, flush=True)
     store, y = get_store(args)
     opts = ProbeOptions()
-    from threadpoolctl import threadpool_limits  # installed with scikit-learn
+    blas = None
+    if args.sklearn_here:
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
-    blas = threadpool_limits(args.threads) if args.threads else None  # sklearn's BLAS threads
-    sk_fit(np.random.default_rng(0).normal(size=(50, 4)), np.arange(50) % 3, 1.0)  # warm-up
+        blas = threadpool_limits(torch.get_num_threads())  # sklearn's BLAS threads
+        sk_fit(np.random.default_rng(0).normal(size=(50, 4)), np.arange(50) % 3, 1.0)
+        print("scikit-learn runs in this process, beside torch's thread pool", flush=True)
+    else:
+        print(f"scikit-learn runs in a fresh process without torch: "
+              f"{torch.get_num_threads()} OpenMP thread(s), "
+              f"{args.sklearn_blas_threads or torch.get_num_threads()} BLAS thread(s)",
+              flush=True)
+    sklearn = sklearn_runner(store, args)
+    y_list = [int(v) for v in y]
 
     # comparison 1: fixed reg, no control (identical work on both sides)
     base = probe(store, y, reg=1.0, control=False, progress=False, device=device)
@@ -228,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     res1 = compare(
         "fixed-reg",
         lambda: probe(store, y, reg=reg, control=False, progress=False, device=device),
-        lambda: sklearn_fixed(store, y, train, test, reg),
+        lambda: sklearn({"kind": "fixed", "y": y_list, "train": train.tolist(),
+                         "test": test.tolist(), "reg": reg}),
         args.repeats)
     ours, theirs = res1["outs"]["dissect"], res1["outs"]["sklearn"]
     diffs = [(abs(ours[n].test_accuracy - theirs[n][1]) * 100,
@@ -246,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         grid = list(opts.reg_grid)
         print(f"\n2. whole probe: reg='auto' over {len(grid)} values + refit + control "
               "(sklearn: the same fits, layer by layer)", flush=True)
-        res2 = compare_full(store, y, device, grid, args.repeats)
+        res2 = compare_full(store, y, device, grid, args.repeats, sklearn)
         ours, theirs = res2["outs"]["dissect"], res2["outs"]["sklearn"]
         same_reg = sum(ours[n].reg == theirs[n][0] for n in LAYERS)
         print(f"  validation picks the same reg as ours on {same_reg}/{len(LAYERS)} layers")
@@ -259,16 +286,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def compare_full(store, y, device, grid, repeats):
+def compare_full(store, y, device, grid, repeats, sklearn):
     holder = {}
 
     def ours():
         holder["r"] = probe(store, y, progress=False, device=device)
         return holder["r"]
 
+    def theirs():
+        r = holder["r"]
+        return sklearn({"kind": "full", "y": [int(v) for v in y],
+                        "train": r.train_index.tolist(), "test": r.test_index.tolist(),
+                        "val": r.val_index.tolist(), "seed": int(r.settings["seed"]),
+                        "regs": {n: r[n].reg for n in LAYERS}, "grid": list(grid)})
+
     ours()  # warm-up, and the split / chosen regs sklearn reuses
-    return compare("auto+ctrl", ours, lambda: sklearn_full(store, y, holder["r"], grid),
-                   repeats, warm=False)
+    return compare("auto+ctrl", ours, theirs, repeats, warm=False)
 
 
 def report(label, times, acc_diff, train_diff=None, ctrl_diff=None):
