@@ -55,6 +55,22 @@ def _axis(in_size: int, out_size: int, device: torch.device) -> _Axis:
     return _Axis(upper, w1, members, counts, start, 4.0 * cell.double() + w1)
 
 
+def spans(first: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expand spans ``[first[i], first[i] + counts[i])`` into their elements, vectorized.
+
+    Returns
+    -------
+    owner, value
+        For every element: the index ``i`` of its span, and its value ``first[i] + j`` (``j``
+        its position in the span). Spans come in order; empty spans add nothing.
+    """
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    value = (first - starts).index_select(0, owner) + torch.arange(len(owner),
+                                                                   device=counts.device)
+    return owner, value
+
+
 def _row_range(corners: torch.Tensor, ci: torch.Tensor, ay: _Axis
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """First output row and row count of each candidate cell worth visiting.
@@ -123,10 +139,7 @@ def active_pixels(
         exactly that set (in no particular order).
     """
     b, k, y, x0, x1 = active_intervals(maps, thresholds, size, cache)
-    counts = x1 - x0
-    owner = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-    starts = torch.cumsum(counts, 0) - counts
-    x = (x0 - starts).index_select(0, owner) + torch.arange(len(owner), device=counts.device)
+    owner, x = spans(x0, x1 - x0)
     return b.index_select(0, owner), k.index_select(0, owner), y.index_select(0, owner), x
 
 
@@ -210,10 +223,8 @@ def active_intervals(
     while s < n_cells:
         base = int(row_ends[s - 1]) if s else 0
         e = max(int(torch.searchsorted(row_ends, base + CHUNK_PIXELS, right=True)), s + 1)
-        cell = torch.repeat_interleave(torch.arange(s, e, device=dev), ny[s:e])
-        r_off = torch.arange(base, int(row_ends[e - 1]), device=dev) - (row_ends - ny).index_select(
-            0, cell)
-        row = first_row.index_select(0, cell) + r_off
+        cell, row = spans(first_row[s:e], ny[s:e])
+        cell += s
         a00, a01, a10, a11, t, m = corners.index_select(0, cell).unbind(1)
         wy = ay.w1.index_select(0, row)
         base_v = a00 * (1 - wy) + a10 * wy  # value at wx = 0
@@ -261,10 +272,7 @@ def active_intervals(
                                            col0 + sure_hi.index_select(0, keep)]))
         counts = un_hi - un_lo  # the unsure pixels, one by one (a few per map)
         if bool((counts > 0).any()):
-            owner = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts)
-            starts = torch.cumsum(counts, 0) - counts
-            pos = (un_lo - starts).index_select(0, owner) + torch.arange(int(counts.sum()),
-                                                                        device=dev)
+            owner, pos = spans(un_lo, counts)
             c_idx = cell.index_select(0, owner)
             unsure_parts.append(torch.stack([cb.index_select(0, c_idx),
                                              ck.index_select(0, c_idx),

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .active_pixels import spans
+
 
 @dataclass(frozen=True)
 class LabelRuns:
@@ -159,11 +161,8 @@ def interval_label_counts(
     n_more = runs.run_id.index_select(0, hi - 1).long() - r0
     many = torch.nonzero(n_more).squeeze(1)
     if len(many):
-        nm = n_more.index_select(0, many)
-        owner = torch.repeat_interleave(many, nm)
-        offset = torch.arange(len(owner), device=dev) - torch.repeat_interleave(
-            torch.cumsum(nm, 0) - nm, nm)
-        run = r0.index_select(0, owner) + 1 + offset
+        local, run = spans(r0.index_select(0, many) + 1, n_more.index_select(0, many))
+        owner = many.index_select(0, local)
         part = torch.minimum(hi.index_select(0, owner), runs.end.index_select(0, run))
         keys.append(kk.index_select(0, owner) + runs.label.index_select(0, run))
         weights.append(part - runs.start.index_select(0, run))
