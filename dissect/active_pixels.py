@@ -71,6 +71,17 @@ def spans(first: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torc
     return owner, value
 
 
+def _keys_below(keys: torch.Tensor, v: torch.Tensor, strict: torch.Tensor) -> torch.Tensor:
+    """Per element of ``v``: how many ``keys`` are ``< v`` where ``strict``, else ``<= v``.
+
+    ``#keys < v`` equals ``#keys <=`` the double just below ``v``, so one right-sided search
+    serves both sides.
+    """
+    below = v.new_tensor(float("-inf"))
+    return torch.searchsorted(keys, torch.where(strict, torch.nextafter(v, below), v),
+                              right=True)
+
+
 def _row_range(corners: torch.Tensor, ci: torch.Tensor, ay: _Axis
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """First output row and row count of each candidate cell worth visiting.
@@ -83,11 +94,9 @@ def _row_range(corners: torch.Tensor, ci: torch.Tensor, ay: _Axis
     """
     a00, a01, a10, a11, t, m = corners.unbind(1)
     tau = t - 2 * m
-    dev = corners.device
     n_y = ay.count.index_select(0, ci)
     start = ay.start.index_select(0, ci)
     band = 4.0 * ci.double()
-    below = torch.tensor(float("-inf"), dtype=torch.float64, device=dev)
     zero = torch.zeros_like(n_y)
     ranges = []
     for e0, e1 in ((a00, a10), (a01, a11)):
@@ -96,8 +105,7 @@ def _row_range(corners: torch.Tensor, ci: torch.Tensor, ay: _Axis
         safe = torch.where(up | down, d, torch.ones_like(d))
         cross = band + ((tau - e0) / safe).clamp(-1.0, 2.0)
         # rising edge: rows with wy >= cross; falling: rows with wy <= cross
-        idx = torch.searchsorted(ay.keys, torch.where(up, torch.nextafter(cross, below), cross),
-                                 right=True) - start
+        idx = _keys_below(ay.keys, cross, up) - start
         lo = torch.where(up, idx, zero)
         hi = torch.where(up, n_y, torch.where(down, idx, torch.where(e0 >= tau, n_y, zero)))
         ranges.append((lo, torch.maximum(hi, lo)))
@@ -240,13 +248,10 @@ def active_intervals(
         x_sure = band + ((t + m - base_v) / safe).clamp(-1.0, 2.0)
         x_poss = band + ((t - m - base_v) / safe).clamp(-1.0, 2.0)
 
-        # #keys <= v (right) and #keys < v (left, = #keys <= the double just below v): one
-        # search per row gives the side each slope needs
-        below = torch.tensor(float("-inf"), dtype=torch.float64, device=dev)
-        s_idx = torch.searchsorted(
-            ax.keys, torch.where(up, x_sure, torch.nextafter(x_sure, below)), right=True) - first
-        p_idx = torch.searchsorted(
-            ax.keys, torch.where(up, torch.nextafter(x_poss, below), x_poss), right=True) - first
+        # one search per row, on the side each slope needs: rising, the sure pixels are those
+        # with weight > x_sure and the possible ones >= x_poss; falling, < x_sure and <= x_poss
+        s_idx = _keys_below(ax.keys, x_sure, ~up) - first
+        p_idx = _keys_below(ax.keys, x_poss, up) - first
         zero = torch.zeros_like(n_x)
         flat_sure = base_v > t + m
         flat_poss = base_v >= t - m
