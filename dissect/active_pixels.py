@@ -38,6 +38,8 @@ class _Axis:
     count: torch.Tensor  # (s,) number of output coordinates of each cell
     start: torch.Tensor  # (s,) first output coordinate of each cell
     keys: torch.Tensor  # (S,) 4 * cell + weight: ascending, each cell's weights in its own band
+    padded: torch.Tensor  # (S + 2,) keys between -inf and +inf (for :func:`_count_keys`)
+    ratio: float  # out_size / in_size
 
 
 def _axis(in_size: int, out_size: int, device: torch.device) -> _Axis:
@@ -52,7 +54,29 @@ def _axis(in_size: int, out_size: int, device: torch.device) -> _Axis:
     offset = torch.arange(out_size, device=device) - start[cell]
     members[cell, offset] = torch.arange(out_size, device=device)
     upper = (torch.arange(in_size, device=device) + 1).clamp(max=in_size - 1)
-    return _Axis(upper, w1, members, counts, start, 4.0 * cell.double() + w1)
+    keys = 4.0 * cell.double() + w1
+    inf = keys.new_tensor([float("inf")])
+    padded = torch.cat([-inf, keys, inf])
+    return _Axis(upper, w1, members, counts, start, keys, padded, out_size / in_size)
+
+
+def _count_keys(ax: _Axis, cell: torch.Tensor, cell_f: torch.Tensor, start: torch.Tensor,
+                end: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """How many of the axis' keys are ``<= 4 * cell + x``, for ``x`` in ``[-1, 2]``, without a
+    search: the coordinate grid is regular, so the count is estimated in closed form (the output
+    coordinates ``o`` with unclamped source ``(o + 0.5) / ratio - 0.5 <= cell + x``), clamped to
+    the cell's coordinates ``[start, end)`` and corrected by one comparison with the exact key on
+    each side (the estimate is off by at most one). Equals
+    ``torch.searchsorted(ax.keys, 4 * cell + x, right=True)``; ``cell_f`` is ``cell`` as float64.
+    """
+    est = torch.floor((cell_f + x) * ax.ratio + (0.5 * ax.ratio + 0.5)).long()
+    est = torch.minimum(torch.maximum(est, start), end)
+    # below the cell's weights (all >= 0) nothing of the cell counts; the clamped source of the
+    # first cell's leading coordinates (weight 0) would fool the estimate there
+    est = torch.where(x < 0, start, est)
+    v = 4.0 * cell_f + x
+    return (est + (ax.padded.index_select(0, est + 1) <= v).long()
+            - (ax.padded.index_select(0, est) > v).long())
 
 
 def spans(first: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,7 +231,7 @@ def active_intervals(
     cb, ck = mapid // K, mapid % K
     # Within one cell and one output row the bilinear value is linear in the column weight wx,
     # and wx grows with the column: the row's active pixels form one interval, found in closed
-    # form (searchsorted on the cell's weights). The sure intervals are returned as they are;
+    # form (:func:`_count_keys` on the axis' weights). The sure intervals are returned as they are;
     # only the few pixels within the rounding margin of T are materialized (and settled exactly
     # below).
     flat = maps.reshape(-1)
@@ -225,6 +249,16 @@ def active_intervals(
     # reach T - 2m (one spare row each side; the extra m dwarfs any float64 rounding here).
     first_row, ny = _row_range(corners, ci, ay)
     row_ends = torch.cumsum(ny, 0)
+    # per cell: along output row wy the value is base + slope * wx, with base = A + B wy and
+    # slope = C + D wy; sure pixels exceed T + m2, possible ones reach T - m2 (m2 a hair above
+    # m: float64 rounding here, ~1e-16 of the values, is dwarfed by m2 - m, so a pixel that
+    # rounds onto either bound may go either way and comparisons need no tie rules)
+    a00, a01, a10, a11, t, m = corners.unbind(1)
+    m2 = m * (1 + 2.0**-20)
+    coef = torch.stack([a00, a10 - a00, a01 - a00, (a11 - a10) - (a01 - a00), t + m2, t - m2,
+                        cj.double()], dim=1)
+    col_start = ax.start.index_select(0, cj)
+    ints = torch.stack([cj, col_start, col_start + ax.count.index_select(0, cj)], dim=1)
     sure_parts: list[torch.Tensor] = []
     unsure_parts: list[torch.Tensor] = []
     n_cells, s = cb.numel(), 0
@@ -233,56 +267,35 @@ def active_intervals(
         e = max(int(torch.searchsorted(row_ends, base + CHUNK_PIXELS, right=True)), s + 1)
         cell, row = spans(first_row[s:e], ny[s:e])
         cell += s
-        a00, a01, a10, a11, t, m = corners.index_select(0, cell).unbind(1)
+        a, by, c, d, t_sure, t_poss, col_f = coef.index_select(0, cell).unbind(1)
+        col, c0, c1 = ints.index_select(0, cell).unbind(1)
         wy = ay.w1.index_select(0, row)
-        base_v = a00 * (1 - wy) + a10 * wy  # value at wx = 0
-        slope = (a01 - a00) * (1 - wy) + (a11 - a10) * wy  # d value / d wx
-        col_cell = cj.index_select(0, cell)
-        n_x = ax.count.index_select(0, col_cell)
-        first = ax.start.index_select(0, col_cell)
-        up, down = slope > 0, slope < 0
-        safe = torch.where(up | down, slope, torch.ones_like(slope))
-        # the weight where the value crosses T +- m, in this cell's band of the axis keys
-        # (weights lie in [0, 1]; clamping to [-1, 2] keeps every comparison and the band)
-        band = 4.0 * col_cell.double()
-        x_sure = band + ((t + m - base_v) / safe).clamp(-1.0, 2.0)
-        x_poss = band + ((t - m - base_v) / safe).clamp(-1.0, 2.0)
-
-        # one search per row, on the side each slope needs: rising, the sure pixels are those
-        # with weight > x_sure and the possible ones >= x_poss; falling, < x_sure and <= x_poss
-        s_idx = _keys_below(ax.keys, x_sure, ~up) - first
-        p_idx = _keys_below(ax.keys, x_poss, up) - first
-        zero = torch.zeros_like(n_x)
-        flat_sure = base_v > t + m
-        flat_poss = base_v >= t - m
-        # [lo, hi) column ranges (positions within the cell) of sure and possible pixels
-        sure_lo = torch.where(up, s_idx, zero)
-        sure_hi = torch.where(up, n_x, torch.where(down, s_idx, torch.where(flat_sure, n_x, zero)))
-        poss_lo = torch.where(up, p_idx, zero)
-        poss_hi = torch.where(up, n_x, torch.where(down, p_idx, torch.where(flat_poss, n_x, zero)))
-        sure_lo, sure_hi = sure_lo.clamp(max=n_x), sure_hi.clamp(max=n_x)
-        poss_lo, poss_hi = poss_lo.clamp(max=n_x), poss_hi.clamp(max=n_x)
-        sure_hi = torch.maximum(sure_hi, sure_lo)
-        # the unsure pixels: possible but not sure (one side of the sure interval)
-        un_lo = torch.where(up, poss_lo, sure_hi)
-        un_hi = torch.where(up, torch.minimum(sure_lo, poss_hi), poss_hi)
-        un_hi = torch.maximum(un_hi, un_lo)
-        keep = torch.nonzero(sure_hi > sure_lo).squeeze(1)  # sure pixels: one interval per row
+        value0 = torch.addcmul(a, by, wy)  # value at wx = 0
+        slope = torch.addcmul(c, d, wy)  # d value / d wx
+        slope = torch.where(slope == 0, -1e-300, slope)  # a flat row counts as falling
+        up = (slope > 0).long()
+        # the weight where the value crosses T +- m2 (weights lie in [0, 1]; clamping to
+        # [-1, 2] keeps every comparison), then how many of the axis' coordinates lie at or
+        # below it: rising rows are sure right of the first count and possible right of the
+        # second, falling rows left of them; the unsure pixels lie between the two counts
+        sure = _count_keys(ax, col, col_f, c0, c1, ((t_sure - value0) / slope).clamp_(-1.0, 2.0))
+        poss = _count_keys(ax, col, col_f, c0, c1, ((t_poss - value0) / slope).clamp_(-1.0, 2.0))
+        x0 = c0 + up * (sure - c0)
+        x1 = sure + up * (c1 - sure)
+        keep = torch.nonzero(x1 > x0).squeeze(1)  # sure pixels: one interval per row
         if len(keep):
             c_idx = cell.index_select(0, keep)
-            col0 = first.index_select(0, keep)
             sure_parts.append(torch.stack([cb.index_select(0, c_idx), ck.index_select(0, c_idx),
-                                           row.index_select(0, keep),
-                                           col0 + sure_lo.index_select(0, keep),
-                                           col0 + sure_hi.index_select(0, keep)]))
-        counts = un_hi - un_lo  # the unsure pixels, one by one (a few per map)
+                                           row.index_select(0, keep), x0.index_select(0, keep),
+                                           x1.index_select(0, keep)]))
+        un_lo = torch.minimum(sure, poss)
+        counts = torch.maximum(sure, poss) - un_lo  # the unsure pixels, one by one (a few)
         if bool((counts > 0).any()):
-            owner, pos = spans(un_lo, counts)
+            owner, x = spans(un_lo, counts)
             c_idx = cell.index_select(0, owner)
             unsure_parts.append(torch.stack([cb.index_select(0, c_idx),
                                              ck.index_select(0, c_idx),
-                                             row.index_select(0, owner),
-                                             first.index_select(0, owner) + pos]))
+                                             row.index_select(0, owner), x]))
         s = e
     found = torch.cat(sure_parts, dim=1) if sure_parts else empty.view(5, 0)
     if unsure_parts:

@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dissect.active_pixels import active_intervals, active_mask_dense, active_pixels
+from dissect.active_pixels import (
+    _axis,
+    _count_keys,
+    active_intervals,
+    active_mask_dense,
+    active_pixels,
+)
 
 
 def _sparse_as_dense(maps, thr, size):
@@ -102,3 +108,26 @@ def test_random_geometries_ties_and_exact_thresholds(seed):
             thr = torch.quantile(up.transpose(0, 1).reshape(6, -1), q, dim=1)
         torch.testing.assert_close(_sparse_as_dense(maps, thr, (sh, sw)),
                                    active_mask_dense(maps, thr, (sh, sw)))
+
+
+@pytest.mark.parametrize("n_in, n_out", [(7, 112), (7, 113), (14, 112), (3, 5), (5, 3), (1, 9),
+                                          (9, 1), (13, 97), (112, 112), (2, 1000), (30, 17)])
+def test_count_keys_equals_searchsorted(n_in, n_out):
+    """The closed-form count of axis coordinates equals a binary search, ties included."""
+    g = torch.Generator().manual_seed(n_in * 1000 + n_out)
+    ax = _axis(n_in, n_out, torch.device("cpu"))
+    n = 2000
+    pick = torch.randint(0, n_out, (n,), generator=g)
+    cell = torch.cat([torch.randint(0, n_in, (n,), generator=g),
+                      (ax.keys[pick] / 4).floor().long()])  # the cell of an exact weight
+    x = torch.cat([torch.rand(n, generator=g, dtype=torch.float64) * 3 - 1, ax.w1[pick]])
+    x = torch.cat([x, torch.tensor([-1.0, -0.5, -1e-300, 0.0, 1.0, 2.0], dtype=torch.float64)
+                   .repeat_interleave(n_in)])
+    cell = torch.cat([cell, torch.arange(n_in).repeat(6)])
+    below, above = (torch.tensor(v, dtype=torch.float64) for v in (-float("inf"), float("inf")))
+    x = torch.cat([x, torch.nextafter(x, below), torch.nextafter(x, above)]).clamp(-1, 2)
+    cell = cell.repeat(3)
+    start = ax.start[cell]
+    got = _count_keys(ax, cell, cell.double(), start, start + ax.count[cell], x)
+    want = torch.searchsorted(ax.keys, 4.0 * cell.double() + x, right=True)
+    assert torch.equal(got, want)
