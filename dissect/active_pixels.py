@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 EPS32 = 2.0**-23
-CHUNK_PIXELS = 1 << 18  # cell rows per step
+CHUNK_PIXELS = 1 << 16  # cell rows per step
 
 
 @dataclass(frozen=True)
@@ -69,14 +69,14 @@ def _count_keys(ax: _Axis, cell: torch.Tensor, cell_f: torch.Tensor, start: torc
     each side (the estimate is off by at most one). Equals
     ``torch.searchsorted(ax.keys, 4 * cell + x, right=True)``; ``cell_f`` is ``cell`` as float64.
     """
-    est = torch.floor((cell_f + x) * ax.ratio + (0.5 * ax.ratio + 0.5)).long()
+    est = torch.floor((cell_f + x) * ax.ratio + (0.5 * ax.ratio + 0.5)).to(start.dtype)
     est = torch.minimum(torch.maximum(est, start), end)
     # below the cell's weights (all >= 0) nothing of the cell counts; the clamped source of the
     # first cell's leading coordinates (weight 0) would fool the estimate there
     est = torch.where(x < 0, start, est)
     v = 4.0 * cell_f + x
-    return (est + (ax.padded.index_select(0, est + 1) <= v).long()
-            - (ax.padded.index_select(0, est) > v).long())
+    return (est + (ax.padded.index_select(0, est + 1) <= v).to(est.dtype)
+            - (ax.padded.index_select(0, est) > v).to(est.dtype))
 
 
 def spans(first: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,52 +95,37 @@ def spans(first: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torc
     return owner, value
 
 
-def _keys_below(keys: torch.Tensor, v: torch.Tensor, strict: torch.Tensor) -> torch.Tensor:
-    """Per element of ``v``: how many ``keys`` are ``< v`` where ``strict``, else ``<= v``.
-
-    ``#keys < v`` equals ``#keys <=`` the double just below ``v``, so one right-sided search
-    serves both sides.
-    """
-    below = v.new_tensor(float("-inf"))
-    return torch.searchsorted(keys, torch.where(strict, torch.nextafter(v, below), v),
-                              right=True)
-
-
 def _row_range(corners: torch.Tensor, ci: torch.Tensor, ay: _Axis
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """First output row and row count of each candidate cell worth visiting.
 
     ``corners`` is ``(n, 6)``: ``a00, a01, a10, a11, T, m``. Along a cell's left edge the value
     is ``a00 + (a10 - a00) wy``, along its right edge ``a01 + (a11 - a01) wy``; a row can hold
-    a possible pixel only where one of them reaches ``T - m``. Each edge's rows form an
-    interval of ``wy`` (one search in the axis keys); the result is the hull of both,
-    widened by a row on each side.
+    a possible pixel only where one of them reaches ``T - m``. Each edge's rows where it reaches
+    ``T - 2m`` form an interval of ``wy`` (the extra ``m`` dwarfs any float64 rounding, so ties
+    may go either way); the result is the hull of both, widened by a row on each side.
     """
     a00, a01, a10, a11, t, m = corners.unbind(1)
     tau = t - 2 * m
-    n_y = ay.count.index_select(0, ci)
-    start = ay.start.index_select(0, ci)
-    band = 4.0 * ci.double()
-    zero = torch.zeros_like(n_y)
-    ranges = []
+    start = ay.start.index_select(0, ci).int()
+    end = start + ay.count.index_select(0, ci).int()
+    ci_f = ci.double()
+    big = 1 << 30  # moves an empty range out of the hull's way
+    los, his = [], []
     for e0, e1 in ((a00, a10), (a01, a11)):
         d = e1 - e0
-        up, down = d > 0, d < 0
-        safe = torch.where(up | down, d, torch.ones_like(d))
-        cross = band + ((tau - e0) / safe).clamp(-1.0, 2.0)
-        # rising edge: rows with wy >= cross; falling: rows with wy <= cross
-        idx = _keys_below(ay.keys, cross, up) - start
-        lo = torch.where(up, idx, zero)
-        hi = torch.where(up, n_y, torch.where(down, idx, torch.where(e0 >= tau, n_y, zero)))
-        ranges.append((lo, torch.maximum(hi, lo)))
-    (lo_l, hi_l), (lo_r, hi_r) = ranges
-    empty_l, empty_r = hi_l == lo_l, hi_r == lo_r
-    lo = torch.where(empty_l, lo_r, torch.where(empty_r, lo_l, torch.minimum(lo_l, lo_r)))
-    hi = torch.where(empty_l, hi_r, torch.where(empty_r, hi_l, torch.maximum(hi_l, hi_r)))
-    some = hi > lo
-    lo = torch.where(some, (lo - 1).clamp(min=0), lo)
-    hi = torch.where(some, torch.minimum(hi + 1, n_y), hi)
-    return start + lo, hi - lo
+        d = torch.where(d == 0, -1e-300, d)  # a flat edge counts as falling
+        up = (d > 0).int()
+        idx = _count_keys(ay, ci, ci_f, start, end, ((tau - e0) / d).clamp_(-1.0, 2.0))
+        # rising edge: rows [idx, end) reach tau; falling: rows [start, idx)
+        lo = start + up * (idx - start)
+        hi = idx + up * (end - idx)
+        empty = (hi <= lo).int() * big
+        los.append(lo + empty)
+        his.append(hi - empty)
+    lo = torch.maximum(torch.minimum(los[0], los[1]) - 1, start)
+    hi = torch.minimum(torch.maximum(his[0], his[1]) + 1, end)
+    return lo, (hi - lo).clamp_(min=0)
 
 
 def active_pixels(
@@ -208,7 +193,7 @@ def active_intervals(
     # maps whose largest value reaches T - m (the margin m bounds float32 rounding; it grows
     # with the map's largest magnitude): only those can hold a possible pixel
     values = maps.reshape(B * K, h * w)
-    low, high = torch.aminmax(values, dim=1)
+    low, high = values.amin(1), values.amax(1)  # (faster than aminmax here)
     scale = torch.maximum(high.abs(), low.abs())  # max |map|
     margin = EPS32 * (2 * (max(h, w) + 1) + 8) * scale.double() + 1e-30  # (B * K,)
     reach = thr.repeat(B) - margin.float()
@@ -258,7 +243,7 @@ def active_intervals(
     coef = torch.stack([a00, a10 - a00, a01 - a00, (a11 - a10) - (a01 - a00), t + m2, t - m2,
                         cj.double()], dim=1)
     col_start = ax.start.index_select(0, cj)
-    ints = torch.stack([cj, col_start, col_start + ax.count.index_select(0, cj)], dim=1)
+    ints = torch.stack([cj, col_start, col_start + ax.count.index_select(0, cj)], dim=1).int()
     sure_parts: list[torch.Tensor] = []
     unsure_parts: list[torch.Tensor] = []
     n_cells, s = cb.numel(), 0
@@ -273,7 +258,7 @@ def active_intervals(
         value0 = torch.addcmul(a, by, wy)  # value at wx = 0
         slope = torch.addcmul(c, d, wy)  # d value / d wx
         slope = torch.where(slope == 0, -1e-300, slope)  # a flat row counts as falling
-        up = (slope > 0).long()
+        up = (slope > 0).int()
         # the weight where the value crosses T +- m2 (weights lie in [0, 1]; clamping to
         # [-1, 2] keeps every comparison), then how many of the axis' coordinates lie at or
         # below it: rising rows are sure right of the first count and possible right of the
@@ -286,12 +271,13 @@ def active_intervals(
         if len(keep):
             c_idx = cell.index_select(0, keep)
             sure_parts.append(torch.stack([cb.index_select(0, c_idx), ck.index_select(0, c_idx),
-                                           row.index_select(0, keep), x0.index_select(0, keep),
-                                           x1.index_select(0, keep)]))
+                                           row.index_select(0, keep),
+                                           x0.index_select(0, keep).long(),
+                                           x1.index_select(0, keep).long()]))
         un_lo = torch.minimum(sure, poss)
         counts = torch.maximum(sure, poss) - un_lo  # the unsure pixels, one by one (a few)
         if bool((counts > 0).any()):
-            owner, x = spans(un_lo, counts)
+            owner, x = spans(un_lo.long(), counts.long())
             c_idx = cell.index_select(0, owner)
             unsure_parts.append(torch.stack([cb.index_select(0, c_idx),
                                              ck.index_select(0, c_idx),
