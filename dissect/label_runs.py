@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .active_pixels import spans
+from .active_pixels import flat_nonzero, spans
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def label_runs(labels: torch.Tensor) -> LabelRuns:
         torch.ne(flat[1:], flat[:-1], out=begins[1:])
         begins.view(-1, sw)[:, 0] = True  # every row starts a run
     it = torch.int32 if flat.numel() < 2**31 else torch.int64
-    start = torch.nonzero(begins).squeeze(1)
+    start = flat_nonzero(begins)
     label = flat.index_select(0, start).to(it)
     start = start.to(it)
     end = torch.cat([start[1:], start.new_tensor([flat.numel()])]) if len(start) else start
@@ -166,7 +166,7 @@ def interval_label_counts(
     weights = [torch.minimum(hi, runs.end.index_select(0, r0)) - lo]
     # ... and, for the few intervals that cross run boundaries, the following runs
     n_more = runs.run_id.index_select(0, hi - 1) - r0
-    many = torch.nonzero(n_more).squeeze(1)
+    many = flat_nonzero(n_more != 0)
     if len(many):
         local, run = spans(r0.index_select(0, many).long() + 1,
                            n_more.index_select(0, many).long())
