@@ -155,9 +155,12 @@ def _pad_stack(tensors: Sequence[torch.Tensor], key: str) -> torch.Tensor:
             "use batch_size=1 or a dataset whose segmentations share one size"
         )
     depth = max(t.shape[0] for t in tensors)
-    out = torch.zeros((len(tensors), depth, *next(iter(rest))), dtype=tensors[0].dtype)
+    if all(t.shape[0] == depth for t in tensors):
+        return torch.stack(list(tensors))  # one pass: no zero fill to overwrite
+    out = torch.empty((len(tensors), depth, *next(iter(rest))), dtype=tensors[0].dtype)
     for row, t in enumerate(tensors):
         out[row, : t.shape[0]] = t
+        out[row, t.shape[0] :] = 0
     return out
 
 
