@@ -6,10 +6,13 @@ the four corner values of its cell, so it can only exceed ``T`` inside cells who
 does; only those cells are visited (a few percent of the image area). Within such a cell and one
 output row the value is linear in the column weight, so the row's active pixels are one interval
 computed in closed form: the work is per cell row (:func:`active_intervals` returns the
-intervals; :func:`active_pixels` expands them). Values are
+intervals; :func:`active_pixels` expands them), and the interval's ends are counted on the
+regular coordinate grid in closed form too (:func:`_count_keys`, no binary search). Values are
 computed in float64 and compared with a margin that bounds any float32 implementation's rounding
-(the weights' error grows with the input size); the rare pixels inside the margin are settled by
-``F.interpolate`` itself, so the result always equals
+(the weights' error grows with the input size), widened by a relative 2**-20 so that float64
+rounding (~1e-16 of the values) can never matter: a pixel computed exactly on a bound may go
+either way. The rare pixels inside the margin are settled by ``F.interpolate`` itself, so the
+result always equals
 ``F.interpolate(maps, size, mode="bilinear", align_corners=False) > T`` exactly, on any device.
 PyTorch's CPU kernel rounds differently for some shapes (a ``(K, 1, h, w)`` call can differ from
 a ``(1, K, h, w)`` one in the last bit; a per-image call matches the whole batch), so settling
