@@ -247,12 +247,13 @@ def test_image_of_wrong_size(tmp_path: Path) -> None:
         Broden(tmp_path)[2]
 
 
-def test_png_label_absent_from_label_csv(tmp_path: Path) -> None:
+@pytest.mark.parametrize("number", [777, 4])  # above every known number; in a gap
+def test_png_label_absent_from_label_csv(tmp_path: Path, number: int) -> None:
     make_broden(tmp_path)
     bad = _planes()["c_object"]
-    bad[1, 1] = 777
+    bad[1, 1] = number
     _write_png_labels(tmp_path / "images/ade/c_object.png", bad)
-    with pytest.raises(DataError, match=r"line 4: object label PNG .*\[777\].*label.csv"):
+    with pytest.raises(DataError, match=rf"line 4: object label PNG .*\[{number}\].*label.csv"):
         Broden(tmp_path)[2]
 
 

@@ -90,16 +90,22 @@ def read_label_png(path: str | Path) -> np.ndarray:
     DataError
         If the file is missing, unreadable, or not an 8-bit RGB(A)/8- or 16-bit gray PNG.
     """
+    return _read_label_plane(path).astype(np.int64)
+
+
+def _read_label_plane(path: str | Path) -> np.ndarray:
+    """:func:`read_label_png` before the int64 cast: a uint8/uint16 array or a big-endian
+    uint16 view of the decoded bytes (cast once, when copied where it goes)."""
     arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if arr is None:
         if not os.path.isfile(path):
             raise DataError(f"label PNG {path} is missing")
         raise DataError(f"label PNG {path} is not a readable image")
     if arr.ndim == 2 and arr.dtype in (np.uint8, np.uint16):
-        return arr.astype(np.int64)
+        return arr
     if arr.ndim == 3 and arr.shape[2] in (3, 4) and arr.dtype == np.uint8:
         # bytes G (channel 1), R (channel 2) side by side: big-endian G * 256 + R
-        return arr[:, :, 1:3].view(">u2")[:, :, 0].astype(np.int64)
+        return arr[:, :, 1:3].view(">u2")[:, :, 0]
     raise DataError(
         f"label PNG {path} has shape {arr.shape} and dtype {arr.dtype}; "
         "expected 8-bit RGB with label = R + 256 * G"
@@ -257,6 +263,7 @@ class Broden(Dataset):
         self._known = np.zeros(known_max + 1, dtype=bool)
         self._known[0] = True
         self._known[list(self.labels)] = True
+        self._known_upto = np.logical_and.accumulate(self._known)  # all of 0..n known
         self._rows = self._read_index()
         self.splits = [r.split for r in self._rows]
 
@@ -441,7 +448,7 @@ class Broden(Dataset):
         for k, (cat, name) in enumerate(row.planes):
             path = os.path.join(images, name)
             try:
-                plane = read_label_png(path)
+                plane = _read_label_plane(path)
             except DataError as exc:
                 raise DataError(f"{self._where(row)}: {cat} {exc}") from None
             if plane.shape != (row.sh, row.sw):
@@ -449,15 +456,19 @@ class Broden(Dataset):
                     f"{self._where(row)}: {cat} label PNG {path} is {plane.shape[0]}x"
                     f"{plane.shape[1]}, but the row says sh x sw = {row.sh}x{row.sw}"
                 )
-            present = np.flatnonzero(np.bincount(plane.ravel()))
-            if present[-1] >= len(self._known) or not self._known[present].all():
+            out[k] = plane  # the one cast to int64
+            plane = out[k]
+            top = int(plane.max())
+            # every number up to the largest known (the usual case): nothing to look up
+            if top >= len(self._known) or not self._known_upto[top]:
+                present = np.flatnonzero(np.bincount(plane.ravel()))
                 bad = [int(v) for v in present
                        if v >= len(self._known) or not self._known[v]]
-                raise DataError(
-                    f"{self._where(row)}: {cat} label PNG {path} holds label number(s) "
-                    f"{bad[:10]} that label.csv does not list"
-                )
-            out[k] = plane
+                if bad:
+                    raise DataError(
+                        f"{self._where(row)}: {cat} label PNG {path} holds label number(s) "
+                        f"{bad[:10]} that label.csv does not list"
+                    )
         return out
 
     def _where(self, row: _Row) -> str:
