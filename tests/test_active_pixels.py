@@ -12,6 +12,7 @@ from dissect.active_pixels import (
     active_intervals,
     active_mask_dense,
     active_pixels,
+    flat_nonzero,
 )
 
 
@@ -131,3 +132,18 @@ def test_count_keys_equals_searchsorted(n_in, n_out):
     got = _count_keys(ax, cell, cell.double(), start, start + ax.count[cell], x)
     want = torch.searchsorted(ax.keys, 4.0 * cell.double() + x, right=True)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n", [0, 1000, (1 << 20) + 7])
+def test_flat_nonzero_equals_torch_nonzero(n, threads):
+    """Both paths (numpy's one pass, torch's threaded one) give torch.nonzero's indices."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.1
+        got = flat_nonzero(mask)
+        assert got.dtype == torch.int64
+        assert torch.equal(got, torch.nonzero(mask).squeeze(1))
+    finally:
+        torch.set_num_threads(before)
