@@ -211,7 +211,7 @@ def active_intervals(
     # maps whose largest value reaches T - m (the margin m bounds float32 rounding; it grows
     # with the map's largest magnitude): only those can hold a possible pixel
     values = maps.reshape(B * K, h * w)
-    low, high = values.amin(1), values.amax(1)  # (faster than aminmax here)
+    low, high = torch.aminmax(values, dim=1)
     scale = torch.maximum(high.abs(), low.abs())  # max |map|
     margin = EPS32 * (2 * (max(h, w) + 1) + 8) * scale.double() + 1e-30  # (B * K,)
     reach = thr.repeat(B) - margin.float()
