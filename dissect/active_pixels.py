@@ -34,11 +34,10 @@ CHUNK_PIXELS = 1 << 16  # cell rows per step
 
 @dataclass(frozen=True)
 class _Axis:
-    """For one axis: each output coordinate's cell and weight, each cell's output coordinates."""
+    """For one axis: each output coordinate's weight and key, each cell's coordinate range."""
 
     upper: torch.Tensor  # (s,) upper source index of each cell (clamped at the border)
     w1: torch.Tensor  # (S,) weight of the upper index for every output coordinate, float64
-    members: torch.Tensor  # (s, R) output coordinates of each cell, -1 padded
     count: torch.Tensor  # (s,) number of output coordinates of each cell
     start: torch.Tensor  # (s,) first output coordinate of each cell
     keys: torch.Tensor  # (S,) 4 * cell + weight: ascending, each cell's weights in its own band
@@ -53,15 +52,12 @@ def _axis(in_size: int, out_size: int, device: torch.device) -> _Axis:
     cell = src.floor().long().clamp(max=in_size - 1)
     w1 = src - cell.double()
     counts = torch.bincount(cell, minlength=in_size)
-    members = torch.full((in_size, int(counts.max())), -1, dtype=torch.long, device=device)
     start = torch.cumsum(counts, 0) - counts
-    offset = torch.arange(out_size, device=device) - start[cell]
-    members[cell, offset] = torch.arange(out_size, device=device)
     upper = (torch.arange(in_size, device=device) + 1).clamp(max=in_size - 1)
     keys = 4.0 * cell.double() + w1
     inf = keys.new_tensor([float("inf")])
     padded = torch.cat([-inf, keys, inf])
-    return _Axis(upper, w1, members, counts, start, keys, padded, out_size / in_size)
+    return _Axis(upper, w1, counts, start, keys, padded, out_size / in_size)
 
 
 def _count_keys(ax: _Axis, cell: torch.Tensor, cell_f: torch.Tensor, start: torch.Tensor,
