@@ -176,4 +176,5 @@ def interval_label_counts(
         weights.append(part - runs.start.index_select(0, run))
     counts = torch.bincount(torch.cat(keys), weights=torch.cat(weights).double(),
                             minlength=units * n_labels)
+    # .double(): on empty input a weighted bincount returns int64
     return counts.double().round().long().view(units, n_labels)

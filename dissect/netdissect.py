@@ -178,6 +178,7 @@ class IoUTally:
         b, k, y, x0, x1 = active_intervals(maps.to(dev), thresholds.to(dev), (sh, sw),
                                            self._geometry)
         length = (x1 - x0).double()
+        # .double(): on empty input a weighted bincount returns int64
         per_image = torch.bincount(b * K + k, weights=length, minlength=B * K).double()
         per_image = per_image.view(B, K)
         ann = annotated.to(dev).double()
