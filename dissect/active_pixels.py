@@ -60,6 +60,14 @@ def _axis(in_size: int, out_size: int, device: torch.device) -> _Axis:
     return _Axis(upper, w1, counts, start, keys, padded, out_size / in_size)
 
 
+def axis_ranges(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One axis' geometry as numpy: each input cell's first output coordinate and one past its
+    last (``(in_size,)`` int64 each), and every output coordinate's upper weight
+    (``(out_size,)`` float64), exactly as :func:`active_intervals` uses them."""
+    ax = _axis(in_size, out_size, torch.device("cpu"))
+    return ax.start.numpy(), (ax.start + ax.count).numpy(), ax.w1.numpy()
+
+
 def _count_keys(ax: _Axis, cell: torch.Tensor, cell_f: torch.Tensor, start: torch.Tensor,
                 end: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """How many of the axis' keys are ``<= 4 * cell + x``, for ``x`` in ``[-1, 2]``, without a
@@ -211,10 +219,46 @@ def active_intervals(
     scale = torch.maximum(high.abs(), low.abs())  # max |map|
     margin = EPS32 * (2 * (max(h, w) + 1) + 8) * scale.double() + 1e-30  # (B * K,)
     reach = thr.repeat(B) - margin.float()
-    live = flat_nonzero(high >= reach)
+    finite = torch.isfinite(scale)
+    live = flat_nonzero((high >= reach) & finite)
     empty = torch.empty(0, dtype=torch.long, device=dev)
-    if live.numel() == 0:
-        return empty, empty, empty, empty, empty
+    unsure_parts: list[torch.Tensor] = []
+    if not bool(finite.all()):  # a NaN or an infinity: F.interpolate decides every pixel
+        bad = flat_nonzero(~finite)
+        n = bad.numel()
+        yy, xx = torch.meshgrid(torch.arange(sh, device=dev), torch.arange(sw, device=dev),
+                                indexing="ij")
+        unsure_parts.append(torch.stack([(bad // K).repeat_interleave(sh * sw),
+                                         (bad % K).repeat_interleave(sh * sw),
+                                         yy.reshape(-1).repeat(n), xx.reshape(-1).repeat(n)]))
+    sure_parts: list[torch.Tensor] = []
+    if live.numel():
+        _visit_live_maps(maps, thr, margin, reach, live, ay, ax, sure_parts, unsure_parts)
+    found = torch.cat(sure_parts, dim=1) if sure_parts else empty.view(5, 0)
+    if unsure_parts:
+        amb = torch.cat(unsure_parts, dim=1)
+        amb = amb[:, settle(maps, thr, size, amb, cache)]
+        found = torch.cat([found, torch.cat([amb, amb[3:4] + 1])], dim=1)
+    b, k, y, x0, x1 = found
+    return b, k, y, x0, x1
+
+
+def _visit_live_maps(
+    maps: torch.Tensor,
+    thr: torch.Tensor,
+    margin: torch.Tensor,
+    reach: torch.Tensor,
+    live: torch.Tensor,
+    ay: _Axis,
+    ax: _Axis,
+    sure_parts: list[torch.Tensor],
+    unsure_parts: list[torch.Tensor],
+) -> None:
+    """The row stage of :func:`active_intervals` for the ``live`` maps (flat ``b * K + k``):
+    appends ``(5, n)`` sure intervals ``b, k, y, x0, x1`` to ``sure_parts`` and ``(4, n)``
+    unsure pixels ``b, k, y, x`` to ``unsure_parts``."""
+    B, K, h, w = maps.shape
+    values = maps.reshape(B * K, h * w)
     # largest corner of every cell of those maps (border cells repeat their last row/column)
     padded = F.pad(values.index_select(0, live).view(-1, 1, h, w), (0, 1, 0, 1),
                    mode="replicate")[:, 0]
@@ -225,7 +269,7 @@ def active_intervals(
     mi, ci, cj = torch.nonzero(cell_max >= reach.index_select(0, live)[:, None, None],
                                as_tuple=True)
     if mi.numel() == 0:
-        return empty, empty, empty, empty, empty
+        return
     mapid = live.index_select(0, mi)
     cb, ck = mapid // K, mapid % K
     # Within one cell and one output row the bilinear value is linear in the column weight wx,
@@ -258,8 +302,6 @@ def active_intervals(
                         cj.double()], dim=1)
     col_start = ax.start.index_select(0, cj)
     ints = torch.stack([cj, col_start, col_start + ax.count.index_select(0, cj)], dim=1).int()
-    sure_parts: list[torch.Tensor] = []
-    unsure_parts: list[torch.Tensor] = []
     n_cells, s = cb.numel(), 0
     while s < n_cells:
         base = int(row_ends[s - 1]) if s else 0
@@ -297,13 +339,6 @@ def active_intervals(
                                              ck.index_select(0, c_idx),
                                              row.index_select(0, owner), x]))
         s = e
-    found = torch.cat(sure_parts, dim=1) if sure_parts else empty.view(5, 0)
-    if unsure_parts:
-        amb = torch.cat(unsure_parts, dim=1)
-        amb = amb[:, _settle(maps, thr, size, amb, cache)]
-        found = torch.cat([found, torch.cat([amb, amb[3:4] + 1])], dim=1)
-    b, k, y, x0, x1 = found
-    return b, k, y, x0, x1
 
 
 def _single_maps_round_alike(maps: torch.Tensor, size: tuple[int, int], cache: dict) -> bool:
@@ -324,14 +359,30 @@ def _single_maps_round_alike(maps: torch.Tensor, size: tuple[int, int], cache: d
     return cache[key]
 
 
-def _settle(
+def settle(
     maps: torch.Tensor,
     thr: torch.Tensor,
     size: tuple[int, int],
     coords: torch.Tensor,
     cache: dict,
 ) -> torch.Tensor:
-    """Decide pixels too close to call with F.interpolate itself."""
+    """Decide pixels too close to call with ``F.interpolate`` itself.
+
+    Parameters
+    ----------
+    maps, thr, size
+        The ``(B, K, h, w)`` float32 maps, ``(K,)`` float32 thresholds and output size.
+    coords
+        ``(4, n)`` long rows ``b, k, y, x``: the pixels to decide.
+    cache
+        As for :func:`active_pixels` (holds the one-time rounding check).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n,)`` bool: ``F.interpolate(maps, size, mode="bilinear",
+        align_corners=False)[b, k, y, x] > thr[k]`` for each pixel.
+    """
     B, K, h, w = maps.shape
     b, k, y, x = coords
     if _single_maps_round_alike(maps, size, cache):

@@ -76,6 +76,19 @@ def test_no_active_pixels():
     assert b.numel() == k.numel() == y.numel() == x.numel() == 0
 
 
+def test_maps_with_nan_or_infinity_equal_dense():
+    # such maps are settled whole by F.interpolate (whose NaN pixels compare False)
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(2, 4, 5, 5, generator=g)
+    maps[0, 0, 2, 2] = float("nan")
+    maps[0, 1, 0, 4] = float("inf")
+    maps[1, 2, 4, 0] = float("-inf")
+    thr = torch.tensor([0.5, 0.5, -0.5, 0.0])
+    dense = active_mask_dense(maps, thr, (20, 20))
+    assert dense[0, 0].any() and not dense[0, 0].all()  # the NaN spoils only nearby pixels
+    torch.testing.assert_close(_sparse_as_dense(maps, thr, (20, 20)), dense)
+
+
 @pytest.mark.parametrize("shape, size", [((2, 8, 6, 6), (50, 50)), ((2, 16, 7, 7), (112, 112))])
 def test_settling_modes(shape, size):
     # thresholds equal to upsampled values force settling; both settle paths must be exact
