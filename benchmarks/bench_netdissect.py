@@ -13,7 +13,11 @@ over those images with ``dissect.hooks.capture(..., dtype="float32")`` and the t
 
    - *ours*: the phases of ``dissect.netdissect.dissect`` run by hand as ``_dissect_store``
      runs them (thresholds: ``exact_quantiles`` over the store; IoU: ``IoUTally.add`` per batch
-     of 64), and the whole ``dissect(store, broden, ["layer4"], progress=False)`` call;
+     of 64, with its default engine: ``"numba"`` on the CPU), and the whole
+     ``dissect(store, broden, ["layer4"], progress=False)`` call. Before the timings one
+     ``add`` on one image loads (or, the first time on a machine, compiles) numba's kernels;
+     its time is printed. ``IoUTally(engine="torch")``, the vectorized engine other devices
+     use, is timed too and its counts must equal the default engine's;
    - *lite*: a port, written here, of NetDissect-Lite's ``FeatureOperator.tally_job`` loop
      (CSAILVision/NetDissect-Lite, ``feature_operation.py``): for every image, for every unit,
      skip the unit when its map's max is not above the threshold, else upsample the map to the
@@ -207,11 +211,12 @@ def ours_thresholds(store: ActivationStore) -> np.ndarray:
     return exact_quantiles(batches, units, n * h * w, 1 - QUANTILE, dtype=np.dtype(ds.dtype))
 
 
-def ours_iou(store: ActivationStore, broden: Broden, thr: np.ndarray, clock: Clock) -> IoUTally:
+def ours_iou(store: ActivationStore, broden: Broden, thr: np.ndarray, clock: Clock,
+             engine: str = "auto") -> IoUTally:
     """The IoU phase of ``_dissect_store``: one ``IoUTally.add`` per batch."""
     units = store[LAYER].shape[1]
     concepts = [c for c in broden.concepts if c.number != 0]
-    tally = IoUTally(units, concepts, list(broden.categories))
+    tally = IoUTally(units, concepts, list(broden.categories), engine=engine)
     thr_t = torch.from_numpy(thr.astype(np.float32))
     for maps, items in read_batches(store, broden, clock):
         t0 = time.perf_counter()
@@ -302,6 +307,27 @@ def lite_thresholds(store: ActivationStore) -> np.ndarray:
     """Lite's ``quantile_threshold``: ``np.percentile`` over the whole float64 features."""
     features = np.asarray(store[LAYER][:], dtype=np.float64)  # Lite: a float64 memmap
     return np.percentile(features, 100 * (1 - QUANTILE), axis=(0, 2, 3))
+
+
+def warm_up(store: ActivationStore, broden: Broden, thr: np.ndarray) -> str:
+    """One ``IoUTally.add`` on one image, timed: in a fresh process the numba engine loads its
+    compiled kernels then (or compiles them, the first time on a machine)."""
+    tally = IoUTally(store[LAYER].shape[1], [c for c in broden.concepts if c.number != 0],
+                     list(broden.categories))
+    item = collate([broden.annotations(int(store.index[0]))])
+    maps = torch.from_numpy(np.asarray(store[LAYER][:1], dtype=np.float32))
+    seconds, _ = timed(lambda: tally.add(maps, torch.from_numpy(thr.astype(np.float32)),
+                                         item["pixel_labels"], item["image_labels"],
+                                         item["annotated"]))
+    return f"IoUTally engine: {tally.engine}; first add() in this process {seconds:.2f} s " \
+           "(kernel load or compile; outside the timings)"
+
+
+def check_engines(tally: IoUTally, other: IoUTally) -> None:
+    """The two engines' counts must be identical."""
+    for key, value in tally.state_dict().items():
+        if not torch.equal(value, other.state_dict()[key]):
+            raise AssertionError(f"engines {tally.engine} and {other.engine} differ in {key}")
 
 
 def check_identical(tally: IoUTally, lite: LiteTally, name: str, strict: bool) -> bool:
@@ -450,11 +476,12 @@ def main(argv: list[str] | None = None) -> int:
 
         times: dict[str, list[float]] = {k: [] for k in (
             "ours thr", "lite thr", "ours read", "ours count", "lite read", "lite count",
-            "lite-unit read", "lite-unit count", "ours call")}
+            "lite-unit read", "lite-unit count", "ours call", "torch read", "torch count")}
         thr = ours_thresholds(store)
+        print(warm_up(store, broden, thr))
         lite_unit_ok = True
         for r in range(repeats):
-            steps = ["ours", "lite", "lite-unit", "call"]
+            steps = ["ours", "lite", "lite-unit", "call", "torch"]
             steps = steps[r % len(steps):] + steps[: r % len(steps)]
             for step in steps:
                 if step == "ours":
@@ -464,6 +491,11 @@ def main(argv: list[str] | None = None) -> int:
                     tally = ours_iou(store, broden, thr, clock)
                     times["ours read"].append(clock.read)
                     times["ours count"].append(clock.count)
+                elif step == "torch":  # the other engine (the one for GPUs), for reference
+                    clock = Clock()
+                    torch_tally = ours_iou(store, broden, thr, clock, engine="torch")
+                    times["torch read"].append(clock.read)
+                    times["torch count"].append(clock.count)
                 elif step == "call":
                     seconds, result = timed(
                         lambda: dissect(store, broden, [LAYER], quantile=QUANTILE,
@@ -487,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             ):
                 raise AssertionError("dissect() and its phases run by hand disagree")
             check_identical(tally, lite, "lite", strict=True)
+            check_engines(tally, torch_tally)
             lite_unit_ok &= check_identical(tally, lite_unit, "lite-unit", strict=False)
 
         profile_text = profile_ours(store, broden, thr) if args.profile else ""
@@ -507,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     print("identical counts: yes (lite: intersections, active areas, concept areas and IoU "
           "equal to ours)")
     print(f"identical counts, lite-unit: {'yes' if lite_unit_ok else 'NO (see warning)'}")
+    print("identical counts, engine='torch': yes")
     print(f"Lite's np.percentile thresholds equal to ours: {'yes' if thr_same else 'no'} "
           f"(max relative difference {thr_diff:.1e})")
     print()
@@ -516,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'total':>8}")
     rows = [
         ("ours (exact_quantiles + IoUTally)", "ours thr", "ours"),
+        ("ours, IoUTally(engine='torch')", "ours thr", "torch"),
         ("NetDissect-Lite port (per image)", "lite thr", "lite"),
         ("NetDissect-Lite port (per unit)", "lite thr", "lite-unit"),
     ]
@@ -538,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:<16} IoU phase {iou_ratio:6.2f}x   count only {count_ratio:6.2f}x   "
               f"thresholds + IoU {total_ratio:6.2f}x   (IoU phase, minima: "
               f"{lite_min / ours_min:.2f}x)")
+    print(f"  engine='torch' (the vectorized engine other devices use): count only "
+          f"{med['lite-unit count'] / med['torch count']:.2f}x against the per-unit port, "
+          f"{med['torch count'] / med['ours count']:.2f}x the default engine's time")
 
     if memory:
         print()
