@@ -41,10 +41,20 @@ except ImportError:  # pragma: no cover - exercised only without numba
 
 
 def _jit(fn=None, **options):
-    """``numba.njit(cache=True, nogil=True, **options)``, or the plain function without numba."""
+    """``numba.njit(cache=True, nogil=True, **options)``, or the plain function without numba.
+
+    Where numba finds no writable cache folder (next to this file, or the user's cache
+    folder; ``NUMBA_CACHE_DIR`` sets one) it refuses ``cache=True``: then the kernels are
+    compiled in every process instead.
+    """
     if fn is None:
         return lambda f: _jit(f, **options)
-    return fn if numba is None else numba.njit(cache=True, nogil=True, **options)(fn)
+    if numba is None:
+        return fn
+    try:
+        return numba.njit(cache=True, nogil=True, **options)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True, **options)(fn)
 
 
 def available() -> bool:

@@ -3,6 +3,10 @@ the torch engine."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +140,18 @@ def test_engine_choice():
         IoUTally(1, concepts, ["color"], "meta", engine="numba")
     with pytest.raises(DissectError, match="choose one of"):
         IoUTally(1, concepts, ["color"], engine="fast")
+
+
+def test_kernels_compile_where_numba_cannot_cache(tmp_path):
+    # numba refuses cache=True when no cache folder is writable; the module must still import
+    # and count (here numba is made to find no cache locator at all)
+    code = ("import torch\n"
+            "from dissect.fused_tally import count_batch\n"
+            "inter, area, act = count_batch(torch.ones(1, 1, 2, 2), torch.zeros(1),\n"
+            "    torch.ones(1, 1, 4, 4, dtype=torch.int64), torch.arange(2), 1, {})\n"
+            "print(int(inter.sum()), int(area.sum()), int(act.sum()))\n")
+    env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "NoSuchLocator"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["16", "16", "16"]
