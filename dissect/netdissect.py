@@ -146,7 +146,8 @@ class IoUTally:
 
     def label_batch(self, pixel_labels: torch.Tensor) -> LabelBatch:
         """The :class:`~dissect.label_runs.LabelBatch` that :meth:`add` needs for these
-        labels (make it once per batch when several tallies count the same images)."""
+        labels with the ``"torch"`` engine (make it once per batch when several tallies count
+        the same images; the ``"numba"`` engine reads the labels themselves)."""
         return label_batch(pixel_labels, self.device, len(self._lut))
 
     def _codes(self, labels: torch.Tensor) -> torch.Tensor:
@@ -500,7 +501,9 @@ def dissect(
     batch_size
         Images per counting step.
     device
-        ``None`` for CUDA when available, else CPU.
+        ``None`` for CUDA when available, else CPU. Counting runs there with
+        :class:`IoUTally`'s default engine: numba's compiled kernel on the CPU, vectorized
+        torch ops elsewhere (the same counts).
     progress
         Show progress bars.
     num_workers
