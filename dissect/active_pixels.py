@@ -11,7 +11,8 @@ regular coordinate grid in closed form too (:func:`_count_keys`, no binary searc
 computed in float64 and compared with a margin that bounds any float32 implementation's rounding
 (the weights' error grows with the input size), widened by a relative 2**-20 so that float64
 rounding (~1e-16 of the values) can never matter: a pixel computed exactly on a bound may go
-either way. The rare pixels inside the margin are settled by ``F.interpolate`` itself, so the
+either way. The rare pixels inside the margin are settled by ``F.interpolate`` itself (and so
+is every pixel of a map holding a NaN or an infinity, where no margin is meaningful), so the
 result always equals
 ``F.interpolate(maps, size, mode="bilinear", align_corners=False) > T`` exactly, on any device.
 PyTorch's CPU kernel rounds differently for some shapes (a ``(K, 1, h, w)`` call can differ from

@@ -110,7 +110,7 @@ class IoUTally:
         How a batch is counted; both engines give the same counts.
         ``"torch"``: vectorized torch ops (:mod:`dissect.active_pixels`,
         :mod:`dissect.label_runs`), on any device. ``"numba"``: one compiled pass per image
-        (:mod:`dissect.fused_tally`), CPU only, about 4x faster there. ``"auto"`` (default):
+        (:mod:`dissect.fused_tally`), CPU only, 2-3x faster there. ``"auto"`` (default):
         ``"numba"`` on the CPU when numba imports, ``"torch"`` otherwise.
     """
 
