@@ -42,7 +42,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from . import fused_tally
 from ._device import resolve_device
 from .active_pixels import active_intervals
 from .datasets.concepts import Concept, collate
@@ -78,12 +77,16 @@ def _resolve_engine(engine: str, device: torch.device) -> str:
     """``"numba"`` or ``"torch"`` for :class:`IoUTally`'s ``engine=`` on ``device``."""
     if engine not in ENGINES:
         raise DissectError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}")
+    if engine == "torch" or (engine == "auto" and device.type != "cpu"):
+        return "torch"  # numba (and LLVM) are not even imported
+    from . import fused_tally
+
     if engine == "auto":
-        return "numba" if device.type == "cpu" and fused_tally.available() else "torch"
-    if engine == "numba" and device.type != "cpu":
+        return "numba" if fused_tally.available() else "torch"
+    if device.type != "cpu":
         raise DissectError(f"engine='numba' counts on the CPU only, not on {device}: "
                            "use engine='torch' (or 'auto')")
-    if engine == "numba" and not fused_tally.available():
+    if not fused_tally.available():
         raise DissectError("engine='numba' needs numba (pip install numba); "
                            "engine='torch' works without it")
     return engine
@@ -197,7 +200,9 @@ class IoUTally:
         img_hot = img_hot[:, 1:]  # (B, C): each image-level concept at most once per image
         self.area += (img_hot.sum(dim=0) * (sh * sw)).round().long()
         if self.engine == "numba":
-            inter, area, per_image = fused_tally.count_batch(
+            from .fused_tally import count_batch
+
+            inter, area, per_image = count_batch(
                 maps, thresholds, pixel_labels, self._lut, C, self._geometry)
             self.area += area
             self.intersection += inter
