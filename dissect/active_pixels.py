@@ -61,6 +61,14 @@ def _axis(in_size: int, out_size: int, device: torch.device) -> _Axis:
     return _Axis(upper, w1, counts, start, keys, padded, out_size / in_size)
 
 
+def margin_coefficient(h: int, w: int) -> float:
+    """The rounding margin of an ``(h, w)`` map per unit of its largest magnitude:
+    ``m = margin_coefficient(h, w) * max|map| + 1e-30`` bounds how far any float32
+    implementation of the bilinear upsampling can round a value (the weights' error grows with
+    the input size)."""
+    return EPS32 * (2 * (max(h, w) + 1) + 8)
+
+
 def axis_ranges(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One axis' geometry as numpy: each input cell's first output coordinate and one past its
     last (``(in_size,)`` int64 each), and every output coordinate's upper weight
@@ -218,7 +226,7 @@ def active_intervals(
     values = maps.reshape(B * K, h * w)
     low, high = torch.aminmax(values, dim=1)
     scale = torch.maximum(high.abs(), low.abs())  # max |map|
-    margin = EPS32 * (2 * (max(h, w) + 1) + 8) * scale.double() + 1e-30  # (B * K,)
+    margin = margin_coefficient(h, w) * scale.double() + 1e-30  # (B * K,)
     reach = thr.repeat(B) - margin.float()
     finite = torch.isfinite(scale)
     live = flat_nonzero((high >= reach) & finite)

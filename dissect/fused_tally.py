@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .active_pixels import EPS32, axis_ranges, settle
+from .active_pixels import axis_ranges, margin_coefficient, settle
 
 try:  # numba is a dependency; the torch engine still works where it cannot be imported
     import numba
@@ -195,13 +195,12 @@ def _scan_map(m_, reach, sure, b, k, labels, lut, row, dedupe, count, out, n_out
 
 
 @_jit
-def _tally_images(maps, thr, labels, lut, ys, ye, wy, xs, xe, wx,
+def _tally_images(maps, thr, labels, lut, coef, ys, ye, wy, xs, xe, wx,
                   inter, area, per_image, unsure, b0, b1):  # pragma: no cover - compiled
     """Count images ``b0 <= b < b1``: concept areas into ``area``, sure pixels into
     ``inter (K, C)`` and ``per_image (B, K)``, unsure pixels per map into ``unsure (B, K)``
-    (-1: a map with a NaN or an infinity, settled whole)."""
+    (-1: a map with a NaN or an infinity, settled whole). ``coef``: the margin coefficient."""
     B, K, h, w = maps.shape
-    coef = EPS32 * (2 * (max(h, w) + 1) + 8)
     seen = np.zeros(lut.shape[0], np.uint8)  # per label: bits of the planes it is in
     none = np.empty((0, 4), np.int64)
     for b in range(b0, b1):
@@ -220,13 +219,12 @@ def _tally_images(maps, thr, labels, lut, ys, ye, wy, xs, xe, wx,
 
 
 @_jit
-def _unsure_pixels(maps, thr, labels, lut, flagged, offsets, out,
+def _unsure_pixels(maps, thr, labels, lut, coef, flagged, offsets, out,
                    ys, ye, wy, xs, xe, wx):  # pragma: no cover - compiled
     """Write the unsure pixels ``(b, k, y, x)`` of the ``flagged`` maps (pairs ``(b, k)``)
     into ``out[offsets[n]:offsets[n + 1]]``; maps settled whole give every pixel."""
     B, K, h, w = maps.shape
     sh, sw = ye[h - 1], xe[w - 1]  # the last cell ends the axis
-    coef = EPS32 * (2 * (max(h, w) + 1) + 8)
     dummy = np.zeros(1, np.int64)
     for n in range(flagged.shape[0]):
         b, k = flagged[n, 0], flagged[n, 1]
@@ -310,16 +308,18 @@ def count_batch(
         cache[key] = axis_ranges(h, sh) + axis_ranges(w, sw)
     geometry = cache[key]
     m, t, lab = maps.numpy(), thr.numpy(), labels.numpy()
+    coef = margin_coefficient(h, w)
     unsure = np.zeros((B, K), np.int64)
     n = max(1, min(threads or torch.get_num_threads(), B))
     if n == 1:
-        _tally_images(m, t, lab, lut_np, *geometry, inter, area, per_image, unsure, 0, B)
+        _tally_images(m, t, lab, lut_np, coef, *geometry, inter, area, per_image, unsure,
+                      0, B)
     else:  # each thread its own images and count arrays (integer sums: order cannot matter)
         cuts = np.linspace(0, B, n + 1).astype(np.int64)
         parts = [(inter if i == 0 else np.zeros_like(inter),
                   area if i == 0 else np.zeros_like(area)) for i in range(n)]
         with ThreadPoolExecutor(n) as pool:
-            list(pool.map(lambda i: _tally_images(m, t, lab, lut_np, *geometry, parts[i][0],
+            list(pool.map(lambda i: _tally_images(m, t, lab, lut_np, coef, *geometry, parts[i][0],
                                                   parts[i][1], per_image, unsure,
                                                   cuts[i], cuts[i + 1]), range(n)))
         for part_inter, part_area in parts[1:]:
@@ -331,7 +331,7 @@ def count_batch(
         sizes = np.where(sizes < 0, sh * sw, sizes)
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         coords = np.empty((int(offsets[-1]), 4), np.int64)
-        _unsure_pixels(m, t, lab, lut_np, flagged, offsets, coords, *geometry)
+        _unsure_pixels(m, t, lab, lut_np, coef, flagged, offsets, coords, *geometry)
         coords_t = torch.from_numpy(coords.T.copy())
         active = settle(maps, thr, (sh, sw), coords_t, cache).numpy()
         _count_pixels(lab, lut_np, coords[active], inter, per_image)
