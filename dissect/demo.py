@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ._device import resolve_device
+from ._plumbing.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def _deconv(model, transform, data, store, best, directory, settings, dev, progr
     for layer, units in best.items():
         patches = top_patches(model, data, layer, units, k=settings.patches, store=store,
                               method=DECONV_METHOD, device=dev, progress=progress)
-        save_unit_grids(patches, directory, transform=transform)
+        save_unit_grids(patches, directory, denormalize=transform)
 
 
 def _probes(store, data, out, dev, progress) -> None:

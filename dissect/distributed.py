@@ -57,7 +57,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._device import resolve_device
+from ._plumbing.device import resolve_device
 from .errors import DissectError, StoreError
 from .store import ActivationStore, StoreWriter, create_store
 

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         model, transform = load_model("mobilenet_v2-imagenet")
         objectives = [channel(layer, u) for layer in layers for u in range(args.units)]
         images = visualize(model, objectives, size=args.size, steps=args.steps,
-                           param=args.param, seed=args.seed, batch=args.batch,
+                           param=args.param, seed=args.seed, batch_size=args.batch,
                            device=args.device, progress=not args.quiet, normalize=transform)
     except DissectError as exc:
         print(f"error: {exc}", file=sys.stderr)

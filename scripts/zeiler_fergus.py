@@ -111,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                                      method=method, batch_size=args.batch_size,
                                      device=args.device, progress=not args.quiet)
                 print(result.summary())
-                grid = patch_grid(result, transform=transform, tile=args.tile, columns=4)
+                grid = patch_grid(result, denormalize=transform, tile=args.tile, columns=4)
                 stem = f"{layer}_{method}"
                 save_png(args.out / f"{stem}_grid.png", grid)
-                save_unit_grids(result, args.out / method, transform=transform,
+                save_unit_grids(result, args.out / method, denormalize=transform,
                                 tile=args.tile)
                 result.to_csv(args.out / f"{stem}_patches.csv")
                 result.to_json(args.out / f"{stem}_patches.json")

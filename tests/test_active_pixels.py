@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dissect.active_pixels import (
+from dissect.netdissect.active_pixels import (
     _axis,
     _count_keys,
     active_intervals,

@@ -159,7 +159,7 @@ def test_inversion_reduces_representation_distance(tiny, param):
 def test_objective_in_a_batch_equals_it_alone(tiny):
     objectives = [("3", 0), channel("4", 5) - 0.5 * channel("4", 1), neuron("3", 2), logit(1)]
     batched = visualize(tiny, objectives, **FAST)
-    chunked = visualize(tiny, objectives, batch=3, **FAST)
+    chunked = visualize(tiny, objectives, batch_size=3, **FAST)
     torch.testing.assert_close(chunked, batched, atol=1e-5, rtol=0)
     values = evaluate(tiny, objectives, batched)
     for k, obj in enumerate(objectives):
@@ -289,11 +289,24 @@ def test_normalize_takes_a_preprocess_or_a_callable(tiny):
     pre = Preprocess(mean=(0.2, 0.3, 0.4), std=(0.5, 0.6, 0.7))
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     manual = torch.stack([tiny(pre.normalize(x))[i, i] for i in range(2)]).detach()
-    for kwargs in ({"normalize": pre}, {"normalize": pre.normalize}, {"transform": pre}):
+    for kwargs in ({"normalize": pre}, {"normalize": pre.normalize}):
         torch.testing.assert_close(evaluate(tiny, [logit(0), logit(1)], x, **kwargs), manual)
     a = visualize(tiny, ("3", 0), normalize=pre, **FAST)
-    b = visualize(tiny, ("3", 0), transform=pre.normalize, **FAST)
+    b = visualize(tiny, ("3", 0), normalize=pre.normalize, **FAST)
     assert torch.equal(a, b) and not torch.equal(a, visualize(tiny, ("3", 0), **FAST))
+
+
+def test_old_argument_names_still_work_for_one_release_with_a_warning(tiny):
+    """``batch=`` and ``transform=`` were renamed ``batch_size=`` and ``normalize=``."""
+    pre = Preprocess(mean=(0.2, 0.3, 0.4), std=(0.5, 0.6, 0.7))
+    new = visualize(tiny, [("3", 0), ("3", 1)], batch_size=1, normalize=pre, **FAST)
+    with pytest.warns(DeprecationWarning, match=r"visualize\(batch=.*use batch_size="):
+        old = visualize(tiny, [("3", 0), ("3", 1)], batch=1, normalize=pre, **FAST)
+    torch.testing.assert_close(old, new)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(DeprecationWarning, match=r"evaluate\(transform=.*use normalize="):
+        old = evaluate(tiny, [logit(0), logit(1)], x, transform=pre)
+    torch.testing.assert_close(old, evaluate(tiny, [logit(0), logit(1)], x, normalize=pre))
 
 
 # --------------------------------------------------------------------------- transforms

@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from dissect._batchnorm_grad import FastBatchNormGrad
+from dissect._plumbing.batchnorm_grad import FastBatchNormGrad
 
 
 def _randomize_statistics(model: nn.Module) -> nn.Module:

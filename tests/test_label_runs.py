@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dissect.label_runs import drop_repeated_labels, interval_label_counts, label_runs
+from dissect.netdissect.label_runs import drop_repeated_labels, interval_label_counts, label_runs
 
 
 @pytest.mark.parametrize("run_length", [1, 3, 40], ids=["noise", "short-runs", "long-runs"])

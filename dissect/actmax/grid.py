@@ -9,21 +9,11 @@ import cv2
 import numpy as np
 import torch
 
+from .._plumbing.images import batch_uint8, write_png
+from .._plumbing.paths import unit_image_path
 from ..errors import DataError
 
 PAD_VALUE = 255  # white gutters between tiles
-
-
-def _as_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """``(N, 3, H, W)`` tensor / array in [0, 1] -> ``(N, H, W, 3)`` uint8 RGB."""
-    arr = images.detach().float().cpu().numpy() if isinstance(images, torch.Tensor) else (
-        np.asarray(images, dtype=np.float32))
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[1] != 3:
-        raise DataError(f"images must be (N, 3, H, W) in [0, 1], got shape {arr.shape}")
-    arr = np.nan_to_num(arr, nan=0.0)
-    return np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def make_grid(images: torch.Tensor | np.ndarray, ncol: int = 8, labels: Sequence[str] | None = None,
@@ -46,7 +36,7 @@ def make_grid(images: torch.Tensor | np.ndarray, ncol: int = 8, labels: Sequence
     numpy.ndarray
         ``(H, W, 3)`` uint8 RGB.
     """
-    tiles = _as_uint8(images)
+    tiles = batch_uint8(images)
     n, h, w, _ = tiles.shape
     if n == 0:
         raise DataError("no images to put in a grid")
@@ -75,13 +65,6 @@ def make_grid(images: torch.Tensor | np.ndarray, ncol: int = 8, labels: Sequence
     return grid
 
 
-def _write(path: Path, rgb: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)):
-        raise DataError(f"could not write {path}: check the folder is writable and ends in .png")
-    return path
-
-
 def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, ncol: int = 8,
               labels: Sequence[str] | None = None, pad: int = 2) -> Path:
     """Write images as one PNG grid (see :func:`make_grid`).
@@ -100,13 +83,7 @@ def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, ncol: int = 8
     pathlib.Path
         The path written.
     """
-    return _write(Path(path), make_grid(images, ncol=ncol, labels=labels, pad=pad))
-
-
-def unit_image_path(out_dir: str | Path, layer: str, unit: int) -> Path:
-    """``out_dir/<layer>/unit_<unit:04d>.png`` (path separators in the layer name become ``_``)."""
-    safe = layer.replace("/", "_").replace("\\", "_") or "output"
-    return Path(out_dir) / safe / f"unit_{unit:04d}.png"
+    return write_png(path, make_grid(images, ncol=ncol, labels=labels, pad=pad))
 
 
 def save_unit_images(images: torch.Tensor | np.ndarray, out_dir: str | Path, layer: str,
@@ -129,9 +106,9 @@ def save_unit_images(images: torch.Tensor | np.ndarray, out_dir: str | Path, lay
     dict
         ``{unit: path}`` in the order given.
     """
-    tiles = _as_uint8(images)
+    tiles = batch_uint8(images)
     units = [int(u) for u in units]
     if len(units) != len(tiles):
         raise DataError(f"{len(units)} units for {len(tiles)} images: give one unit per image")
-    return {u: _write(unit_image_path(out_dir, layer, u), t)
+    return {u: write_png(unit_image_path(out_dir, layer, u), t)
             for u, t in zip(units, tiles, strict=True)}

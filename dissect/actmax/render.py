@@ -11,9 +11,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .._device import model_run_device
+from .._plumbing.checks import optional_positive_int, positive_int
+from .._plumbing.chunks import row_chunks
+from .._plumbing.deprecation import renamed_kwargs
+from .._plumbing.device import model_run_device
+from .._plumbing.progress import progress_bar
 from ..errors import DissectError
 from ..hooks import Trace, resolve_layers
 from ..hooks.trace import first_tensor
@@ -56,47 +59,30 @@ def _prepared(model: nn.Module, device: str | torch.device | None,
             module.training = training
 
 
-def _normalizer(normalize: Normalizer | None, transform: Normalizer | None
-                ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The map from images in [0, 1] to model inputs (identity when neither is given)."""
-    if normalize is not None and transform is not None:
-        raise DissectError("give normalize= or its alias transform=, not both")
-    fn = normalize if normalize is not None else transform
-    if fn is None:
+def _normalizer(normalize: Normalizer | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The map from images in [0, 1] to model inputs (identity when none is given)."""
+    if normalize is None:
         return lambda x: x
-    method = getattr(fn, "normalize", None)  # a dissect.models.Preprocess
+    method = getattr(normalize, "normalize", None)  # a dissect.models.Preprocess
     if callable(method):
         return method
-    if not callable(fn):
+    if not callable(normalize):
         raise DissectError(
             f"normalize must be a dissect.models.Preprocess or a callable on (N, 3, H, W) "
-            f"images in [0, 1], got {type(fn).__name__}"
+            f"images in [0, 1], got {type(normalize).__name__}"
         )
-    return fn
+    return normalize
 
 
-def _positive_int(value: Any, name: str, allow_zero: bool = False) -> int:
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise DissectError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def _check_common(steps: Any, lr: Any, batch: Any, seed: Any, param: Any) -> None:
-    _positive_int(steps, "steps", allow_zero=True)
-    if batch is not None:
-        _positive_int(batch, "batch")
+def _check_common(steps: Any, lr: Any, batch_size: Any, seed: Any, param: Any) -> None:
+    positive_int(steps, "steps", minimum=0)
+    optional_positive_int(batch_size, "batch_size")
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
         raise DissectError(f"lr must be a positive number, got {lr!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise DissectError(f"seed must be an integer, got {seed!r}")
     if param not in PARAMS:
         raise DissectError(f"unknown param {param!r}: use one of {', '.join(PARAMS)}")
-
-
-def _chunks(n: int, batch: int | None) -> list[tuple[int, int]]:
-    size = n if batch is None else batch
-    return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
 class _Forward:
@@ -110,7 +96,7 @@ class _Forward:
         self.model, self.output, self.normalize = model, output, normalize
         # a differentiable copy: later in-place ops (ReLU(inplace=True)) cannot change it
         self.trace = (Trace(model, list(layers), stop=not output,
-                            transform=lambda name, t: t.clone()) if layers else None)
+                            record=lambda name, t: t.clone()) if layers else None)
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.normalize(images)
@@ -149,14 +135,10 @@ def _rowwise(objectives: Sequence[Objective], acts: dict[str, torch.Tensor]) -> 
     return torch.cat(values)
 
 
-def _progress(steps: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(range(steps), desc=desc, unit="step", disable=not enabled or steps < 1,
-                leave=False)
-
-
 # --------------------------------------------------------------------------- visualize
 
 
+@renamed_kwargs(batch="batch_size", transform="normalize")
 def visualize(
     model: nn.Module,
     objectives: ObjectiveLike | Sequence[ObjectiveLike],
@@ -168,12 +150,11 @@ def visualize(
     decorrelate: bool = True,
     transforms: str | Sequence[TransformLike] | None = "standard",
     regularizers: RegularizerLike | Sequence[RegularizerLike] | None = None,
-    batch: int | None = None,
+    batch_size: int | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
     normalize: Normalizer | None = None,
-    transform: Normalizer | None = None,
 ) -> torch.Tensor:
     """Images that maximize each objective (activation maximization, Erhan 2009; Olah 2017).
 
@@ -210,9 +191,9 @@ def visualize(
         Penalties subtracted from the objective: :class:`~.regularizers.L1`,
         :class:`~.regularizers.L2`, :class:`~.regularizers.TotalVariation`,
         :class:`~.regularizers.Blur` (each with a weight) or callables ``images -> (N,)``.
-    batch
+    batch_size
         At most this many images per forward pass (a memory bound); ``None``: all at once.
-        It does not change the result.
+        It does not change the result. (``batch=`` is a deprecated alias, for one release.)
     seed
         Seed of the ``torch.Generator`` for the initial noise and the transforms. Every image
         starts from the same noise and sees the same random transforms, so image ``k`` depends
@@ -227,9 +208,9 @@ def visualize(
         The model's own input normalization, mapping images in [0, 1] to model inputs: a
         :class:`dissect.models.Preprocess` (its ``normalize`` is used; never its resize) or a
         callable on ``(N, 3, H, W)`` batches. ``None``: the model takes [0, 1] images. For
-        ``model, pre = load_model(...)`` pass ``normalize=pre``.
-    transform
-        Alias of ``normalize`` (the name ``load_model`` gives that value); give one of them.
+        ``model, pre = load_model(...)`` pass ``normalize=pre``. (``transform=`` is a
+        deprecated alias, for one release: in torch-dissect ``transform`` names a dataset's
+        per-image preprocessing only.)
 
     Returns
     -------
@@ -241,7 +222,7 @@ def visualize(
     LayerNotFoundError
         For a layer name that is not in the model.
     DissectError
-        For a bad parametrization, transform, unit out of range for its layer, and so on.
+        For a bad parametrization, augmentation, unit out of range for its layer, and so on.
 
     Notes
     -----
@@ -260,11 +241,11 @@ def visualize(
     >>> save_grid(images, "features10.png", ncol=8)                       # doctest: +SKIP
     """
     objs = as_objectives(objectives)
-    _check_common(steps, lr, batch, seed, param)
-    size = _positive_int(size, "size")
+    _check_common(steps, lr, batch_size, seed, param)
+    size = positive_int(size, "size")
     tfs = resolve_transforms(transforms)
     regs = resolve_regularizers(regularizers)
-    norm = _normalizer(normalize, transform)
+    norm = _normalizer(normalize)
     layers, needs_output = _needed(model, objs)
     n = len(objs)
     with _prepared(model, device, layers) as (runner, dev):
@@ -276,8 +257,8 @@ def visualize(
                            generator=gen, device=dev)
         optimizer = torch.optim.Adam([image.leaf], lr=lr)
         forward = _Forward(runner, layers, needs_output, norm)
-        chunks = _chunks(n, batch)
-        bar = _progress(steps, "actmax", progress)
+        chunks = row_chunks(n, batch_size)
+        bar = progress_bar(steps, "actmax", progress, unit="step", iterable=range(steps))
         for step in bar:
             values = draw(tfs, gen)  # one draw per step, shared by every image and chunk
             optimizer.zero_grad(set_to_none=True)
@@ -302,15 +283,15 @@ def visualize(
 # --------------------------------------------------------------------------- evaluate
 
 
+@renamed_kwargs(batch="batch_size", transform="normalize")
 def evaluate(
     model: nn.Module,
     objectives: ObjectiveLike | Sequence[ObjectiveLike],
     images: torch.Tensor,
     *,
-    batch: int | None = None,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
     normalize: Normalizer | None = None,
-    transform: Normalizer | None = None,
 ) -> torch.Tensor:
     """Objective ``k`` on image ``k``, without transforms (how far each image got).
 
@@ -322,9 +303,9 @@ def evaluate(
         One objective (applied to every image) or one per image.
     images
         ``(N, 3, H, W)`` in [0, 1].
-    batch
+    batch_size
         At most this many images per forward pass.
-    device, normalize, transform
+    device, normalize
         As in :func:`visualize`.
 
     Returns
@@ -340,14 +321,13 @@ def evaluate(
         objs = objs * n
     if len(objs) != n:
         raise DissectError(f"{len(objs)} objectives for {n} images: give one, or one per image")
-    if batch is not None:
-        _positive_int(batch, "batch")
-    norm = _normalizer(normalize, transform)
+    optional_positive_int(batch_size, "batch_size")
+    norm = _normalizer(normalize)
     layers, needs_output = _needed(model, objs)
     out = []
     with _prepared(model, device, layers) as (runner, dev), torch.no_grad():
         forward = _Forward(runner, layers, needs_output, norm)
-        for a, b in _chunks(n, batch):
+        for a, b in row_chunks(n, batch_size):
             acts = forward(images[a:b].to(dev, torch.float32))
             out.append(_rowwise(objs[a:b], acts).float().cpu())
     return torch.cat(out)
@@ -362,6 +342,7 @@ def representation_distance(target: torch.Tensor, other: torch.Tensor) -> torch.
     return diff / target.flatten(1).pow(2).sum(1).clamp_min(1e-12)
 
 
+@renamed_kwargs(batch="batch_size", transform="normalize")
 def invert(
     model: nn.Module,
     x: torch.Tensor,
@@ -374,12 +355,11 @@ def invert(
     param: str = "fft",
     decorrelate: bool = True,
     regularizers: RegularizerLike | Sequence[RegularizerLike] | None = None,
-    batch: int | None = None,
+    batch_size: int | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
     normalize: Normalizer | None = None,
-    transform: Normalizer | None = None,
 ) -> torch.Tensor:
     """Reconstruct images from a layer's representation (Mahendran & Vedaldi, CVPR 2015).
 
@@ -409,7 +389,7 @@ def invert(
         Parametrization of the reconstruction, as in :func:`visualize`.
     regularizers
         Further penalties, as in :func:`visualize`.
-    batch, seed, device, progress, normalize, transform
+    batch_size, seed, device, progress, normalize
         As in :func:`visualize`.
 
     Returns
@@ -429,18 +409,18 @@ def invert(
     if float(xs.min()) < -0.01 or float(xs.max()) > 1.01:
         log.warning("invert: x spans [%.2f, %.2f]; it should be images in [0, 1] (pass the "
                     "model's normalization as normalize=)", float(xs.min()), float(xs.max()))
-    _check_common(steps, lr, batch, seed, param)
+    _check_common(steps, lr, batch_size, seed, param)
     if isinstance(tv_weight, bool) or not isinstance(tv_weight, numbers.Real) or tv_weight < 0:
         raise DissectError(f"tv_weight must be a number >= 0, got {tv_weight!r}")
     regs = resolve_regularizers(regularizers)
     if tv_weight > 0:
         regs = [TotalVariation(float(tv_weight), float(tv_beta)), *regs]
-    norm = _normalizer(normalize, transform)
+    norm = _normalizer(normalize)
     (name,) = resolve_layers(model, layer if isinstance(layer, str) else [layer])
     n, (h, w) = xs.shape[0], xs.shape[-2:]
     with _prepared(model, device, [name]) as (runner, dev):
         forward = _Forward(runner, [name], False, norm)
-        chunks = _chunks(n, batch)
+        chunks = row_chunks(n, batch_size)
         with torch.no_grad():
             targets = [forward(xs[a:b].to(dev))[name].detach() for a, b in chunks]
         log.info("invert: %d image(s) from %s %s on %s, %d steps", n, name,
@@ -449,7 +429,7 @@ def invert(
         image = ImageParam(n, (h, w), param=param, decorrelate=decorrelate, generator=gen,
                            device=dev)
         optimizer = torch.optim.Adam([image.leaf], lr=lr)
-        bar = _progress(steps, "invert", progress)
+        bar = progress_bar(steps, "invert", progress, unit="step", iterable=range(steps))
         for step in bar:
             optimizer.zero_grad(set_to_none=True)
             dists = []

@@ -1,4 +1,4 @@
-"""Shared plumbing of the attribution methods: targets, inputs, chunked rows, model state."""
+"""Shared by the attribution methods: targets, scores, baselines, gradients of row chunks."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any, NoReturn
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from .._plumbing.chunks import row_chunks
 from ..errors import DissectError
 
 log = logging.getLogger("dissect.attribution")
@@ -19,7 +19,6 @@ Target = int | Sequence[int] | torch.Tensor | Callable[[torch.Tensor], torch.Ten
 """What to explain: a class index, one index per input, a callable on the output, or ``None``."""
 
 DEFAULT_BATCH_SIZE = 64
-PROGRESS_DELAY_S = 1.0  # bars appear only for work that lasts longer than this
 
 
 def check_target(target: Target, batch: int) -> Target:
@@ -126,33 +125,6 @@ def scores(output: Any, target: Target, samples: torch.Tensor | None = None) -> 
     return output.gather(1, index[:, None])[:, 0]
 
 
-def check_input(x: Any, what: str = "x") -> torch.Tensor:
-    """Check that ``x`` is a batched floating tensor ``(B, ...)``."""
-    if not isinstance(x, torch.Tensor):
-        raise DissectError(
-            f"{what} must be a torch.Tensor of shape (B, ...), got {type(x).__name__}"
-        )
-    if x.ndim < 2:
-        raise DissectError(
-            f"{what} must be batched, shape (B, ...), got shape {tuple(x.shape)}: "
-            "use x[None] for a single input"
-        )
-    if not x.is_floating_point():
-        raise DissectError(f"{what} must be a floating point tensor, got {x.dtype}")
-    if x.shape[0] == 0:
-        raise DissectError(f"{what} is an empty batch")
-    return x
-
-
-def check_batch_size(batch_size: int | None) -> int | None:
-    """``None`` (everything in one pass) or a positive int."""
-    if batch_size is None:
-        return None
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise DissectError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    return batch_size
-
-
 def as_baseline(baseline: Any, x: torch.Tensor, what: str = "baseline") -> torch.Tensor:
     """Broadcast a scalar or tensor baseline to ``x``'s shape, dtype and device (a view)."""
     if baseline is None:
@@ -233,12 +205,6 @@ def forward_scores(
     return torch.cat(out)
 
 
-def row_chunks(rows: int, batch_size: int | None) -> list[tuple[int, int]]:
-    """Split ``rows`` rows into ``[start, stop)`` chunks of at most ``batch_size`` rows."""
-    size = rows if batch_size is None else batch_size
-    return [(start, min(start + size, rows)) for start in range(0, rows, size)]
-
-
 def segments(start: int, stop: int, batch: int) -> Iterator[tuple[int, int, int, int]]:
     """Split rows ``[start, stop)`` of a step-major ``(steps * batch)`` layout into runs.
 
@@ -279,9 +245,3 @@ def accumulate(
             continue
         part = grads[off:off + b1 - b0]
         total[b0:b1] += part if weights is None else part * weights[k]
-
-
-def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
-    """A tqdm bar over forward chunks, shown only if the work lasts a while."""
-    return tqdm(total=total, desc=desc, unit="batch", disable=not enabled or total < 2,
-                delay=PROGRESS_DELAY_S, leave=False)

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._device import prepared
+from .._plumbing.checks import batched_input
+from .._plumbing.device import prepared
 from ..errors import DissectError
 from ..hooks import Trace
-from ._core import Target, check_input, check_target, scores, to_device
+from ._core import Target, check_target, scores, to_device
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area", "linear", "trilinear")
 
@@ -70,7 +71,7 @@ def grad_cam(
         ``(B, H, W)`` (``x``'s spatial size), or ``(B, h, w)`` when ``interpolation`` is
         ``None``; on ``x``'s device.
     """
-    x = check_input(x)
+    x = batched_input(x)
     target = check_target(target, x.shape[0])
     name = _layer_name(model, layer)
     if interpolation is not None and interpolation not in INTERPOLATIONS:
@@ -134,7 +135,7 @@ def last_spatial_layer(model: nn.Module, x: torch.Tensor,
     """
     from ..hooks import layer_names
 
-    x = check_input(x)
+    x = batched_input(x)
     order: list[str] = []
 
     def shape(name: str, t: torch.Tensor) -> tuple[int, ...]:
@@ -142,7 +143,7 @@ def last_spatial_layer(model: nn.Module, x: torch.Tensor,
         return tuple(t.shape)
 
     with prepared(model, device) as dev, torch.no_grad():
-        with Trace(model, layer_names(model), transform=shape) as tr:
+        with Trace(model, layer_names(model), record=shape) as tr:
             model(to_device(x, dev))
     spatial = [n for n in order if len(tr.outputs[n]) == 4 and tr.outputs[n][2] *
                tr.outputs[n][3] > 1]

@@ -9,22 +9,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._device import prepared
+from .._plumbing.checks import batched_input, optional_positive_int
+from .._plumbing.chunks import row_chunks
+from .._plumbing.device import prepared
+from .._plumbing.progress import progress_bar
 from ..errors import DissectError
 from ._core import (
     DEFAULT_BATCH_SIZE,
     Target,
     accumulate,
     as_baseline,
-    check_batch_size,
-    check_input,
     check_target,
     empty_rows,
     forward_scores,
     gradient,
     log,
-    progress_bar,
-    row_chunks,
     segments,
     to_device,
 )
@@ -67,7 +66,7 @@ def saliency(
     torch.Tensor
         Shaped like ``x``, on ``x``'s device.
     """
-    x = check_input(x)
+    x = batched_input(x)
     target = check_target(target, x.shape[0])
     with prepared(model, device) as dev:
         grads, _ = gradient(model, to_device(x, dev), target)
@@ -93,7 +92,7 @@ def grad_x_input(
     torch.Tensor
         Shaped like ``x``, on ``x``'s device.
     """
-    x = check_input(x)
+    x = batched_input(x)
     target = check_target(target, x.shape[0])
     with prepared(model, device) as dev:
         xd = to_device(x, dev)
@@ -156,10 +155,10 @@ def smoothgrad(
     torch.Tensor
         Shaped like ``x``, on ``x``'s device.
     """
-    x = check_input(x)
+    x = batched_input(x)
     batch = x.shape[0]
     target = check_target(target, batch)
-    batch_size = check_batch_size(batch_size)
+    batch_size = optional_positive_int(batch_size, "batch_size")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise DissectError(f"n (noisy samples per input) must be a positive integer, got {n!r}")
     if not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma < 0:
@@ -289,10 +288,10 @@ def integrated_gradients(
         captum's convergence delta. By completeness the attributions of an input sum to
         ``f(x) - f(x')`` up to this error, which shrinks as ``steps`` grows.
     """
-    x = check_input(x)
+    x = batched_input(x)
     batch = x.shape[0]
     target = check_target(target, batch)
-    batch_size = check_batch_size(batch_size)
+    batch_size = optional_positive_int(batch_size, "batch_size")
     step_sizes, alphas = quadrature(method, steps)
     with prepared(model, device) as dev:
         xd = to_device(x, dev)

@@ -10,20 +10,19 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._device import prepared
+from .._plumbing.checks import batched_input, optional_positive_int
+from .._plumbing.chunks import row_chunks
+from .._plumbing.device import prepared
+from .._plumbing.progress import progress_bar
 from ..errors import DissectError
 from ._core import (
     DEFAULT_BATCH_SIZE,
     Target,
     as_baseline,
-    check_batch_size,
-    check_input,
     check_target,
     empty_rows,
     forward_scores,
     log,
-    progress_bar,
-    row_chunks,
     scores,
     segments,
     to_device,
@@ -136,10 +135,10 @@ def occlusion(
     torch.Tensor
         Shaped like ``x``, on ``x``'s device.
     """
-    x = check_input(x)
+    x = batched_input(x)
     batch, dims = x.shape[0], tuple(x.shape[1:])
     target = check_target(target, batch)
-    batch_size = check_batch_size(batch_size)
+    batch_size = optional_positive_int(batch_size, "batch_size")
     shape = _window_shape(window, dims)
     strides = _strides(stride, shape, dims)
     counts = [math.ceil((d - w) / s) + 1 for d, w, s in zip(dims, shape, strides, strict=True)]

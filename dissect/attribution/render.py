@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import torch
 
+from .._plumbing.images import rgb_float, write_png
 from ..errors import DataError
 
 log = logging.getLogger("dissect.attribution")
@@ -136,30 +137,7 @@ def image_array(image: Any) -> np.ndarray:
     -------
     numpy.ndarray
     """
-    channels_first = isinstance(image, torch.Tensor)  # torch's layout; numpy's is (H, W, C)
-    arr = image.detach().cpu().numpy() if channels_first else np.asarray(image)
-    while arr.ndim > 3 and arr.shape[0] == 1:  # a batch of one
-        arr = arr[0]
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and (
-        channels_first or arr.shape[2] not in (1, 3, 4)
-    ):
-        arr = arr.transpose(1, 2, 0)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise DataError(f"an RGB image (3, H, W) or (H, W, 3) is needed, got shape {arr.shape}")
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    arr = arr[..., :3]
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    arr = arr.astype(np.float32)
-    if arr.size and (arr.min() < -1e-3 or arr.max() > 1 + 1e-3):
-        log.warning(
-            "image values span [%.2f, %.2f], outside [0, 1]: clipped; pass the unnormalized "
-            "image (e.g. transform.denormalize(x))", float(arr.min()), float(arr.max())
-        )
-    return np.clip(arr, 0, 1)
+    return rgb_float(image)
 
 
 def overlay(
@@ -218,11 +196,4 @@ def save_png(path: str | Path, image: Any) -> Path:
     pathlib.Path
         The path written.
     """
-    path = Path(path)
-    arr = np.asarray(image) if not isinstance(image, torch.Tensor) else None
-    if arr is None or arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        arr = np.round(image_array(image) * 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_RGB2BGR)):
-        raise DataError(f"could not write {path}: check the folder is writable and ends in .png")
-    return path
+    return write_png(path, image)

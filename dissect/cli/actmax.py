@@ -42,7 +42,7 @@ def _channels(model: torch.nn.Module, layer: str, size: int, normalize, dev) -> 
 
     x = normalize(torch.full((1, 3, size, size), 0.5, device=dev))
     with torch.inference_mode(), Trace(model, layer, stop=True,
-                                       transform=lambda n, t: tuple(t.shape)) as tr:
+                                       record=lambda n, t: tuple(t.shape)) as tr:
         model(x)
     return tr.outputs[layer][1]
 
@@ -50,7 +50,7 @@ def _channels(model: torch.nn.Module, layer: str, size: int, normalize, dev) -> 
 def run(args: argparse.Namespace) -> int:
     """Visualize units of one layer; write one PNG per unit and a grid."""
     from .. import actmax
-    from .._device import resolve_device
+    from .._plumbing.device import resolve_device
     from ..hooks import resolve_layers
     from ..models import load_model
 
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         model, [actmax.channel(layer, u) for u in chosen], size=args.size, steps=args.steps,
         lr=args.lr, param=args.param, decorrelate=not args.no_decorrelate,
         transforms=None if args.transforms == "none" else "standard",
-        batch=args.batch_size, seed=args.seed, device=dev, progress=not args.quiet,
+        batch_size=args.batch_size, seed=args.seed, device=dev, progress=not args.quiet,
         normalize=normalize,
     )
     paths = actmax.save_unit_images(images, args.out, layer, chosen)

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from .. import attribution
-    from .._device import resolve_device
+    from .._plumbing.device import resolve_device
     from ..models import Preprocess, imagenet_categories, load_model
 
     model, transform = load_model(args.model, args.weights)

@@ -54,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
             store.close()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{result.layer}_{args.method}"
-    grid = save_patch_grid(result, args.out / f"{stem}_grid.png", transform=transform,
+    grid = save_patch_grid(result, args.out / f"{stem}_grid.png", denormalize=transform,
                            tile=args.tile, columns=args.columns)
-    per_unit = save_unit_grids(result, args.out, transform=transform, tile=args.tile)
+    per_unit = save_unit_grids(result, args.out, denormalize=transform, tile=args.tile)
     result.to_csv(args.out / f"{stem}_patches.csv")
     result.to_json(args.out / f"{stem}_patches.json")
     out(result.summary())

@@ -54,7 +54,7 @@ def _load(path: Path, transform, size: int | None) -> torch.Tensor:
 def run(args: argparse.Namespace) -> int:
     """Invert each image's representation at one layer; write the reconstruction and a pair."""
     from .. import actmax
-    from .._device import resolve_device
+    from .._plumbing.device import resolve_device
     from ..errors import DataError
     from ..hooks import resolve_layers
     from ..models import load_model
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     same = len({tuple(x.shape) for x in images}) == 1
     groups = [torch.stack(images)] if same else [x[None] for x in images]
     results = [actmax.invert(model, xs, layer, steps=args.steps, lr=args.lr,
-                             tv_weight=args.tv_weight, param=args.param, batch=args.batch_size,
+                             tv_weight=args.tv_weight, param=args.param, batch_size=args.batch_size,
                              seed=args.seed, device=dev, progress=not args.quiet,
                              normalize=normalize) for xs in groups]
     recon = [r for batch in results for r in batch]

@@ -22,7 +22,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Print every layer with its type and output shape for one input."""
-    from .._device import resolve_device
+    from .._plumbing.device import resolve_device
     from ..hooks import Trace, layer_names
     from ..models import load_model
 
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     names = layer_names(model)
     modules = dict(model.named_modules())
     x = torch.zeros(1, 3, args.input_size, args.input_size, device=dev)
-    with torch.inference_mode(), Trace(model, names, transform=lambda n, t: tuple(t.shape)) as tr:
+    with torch.inference_mode(), Trace(model, names, record=lambda n, t: tuple(t.shape)) as tr:
         model(x)
     width = max(len(n) for n in names)
     for name in names:

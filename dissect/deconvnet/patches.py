@@ -17,17 +17,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .._device import prepared
+from .._plumbing.checks import positive_int, unit_list, units_in_range
+from .._plumbing.device import prepared
+from .._plumbing.items import split_item, stack_inputs
+from .._plumbing.progress import progress_bar
 from ..errors import DataError, DissectError, StoreError
 from ..store import ActivationStore
-from ._common import (
-    check_method,
-    check_positive_int,
-    check_unit_range,
-    check_units,
-    one_layer,
-    progress_bar,
-)
+from ._common import check_method, one_layer
 from ._rules import report_others
 from .projection import argmax_positions, backproject, layer_output, spike_signal
 from .receptive import ReceptiveField, receptive_field
@@ -156,27 +152,6 @@ class TopPatches:
 # --------------------------------------------------------------------------- data
 
 
-def _item(item: Any, row: int) -> tuple[torch.Tensor, int]:
-    index = row
-    if isinstance(item, dict):
-        if "image" not in item:
-            raise DataError(f"a data item is a dict without an 'image' key (keys: {sorted(item)})")
-        x = item["image"]
-        if "index" in item:
-            index = int(item["index"])
-    elif isinstance(item, (tuple, list)) and item:
-        x = item[0]
-    else:
-        x = item
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise DataError(
-            f"data item {row} is not a float tensor ({type(x).__name__}): give the dataset "
-            "the model's transform (e.g. the one from dissect.models.load_model)")
-    return x, index
-
-
 class _Rows(Dataset):
     def __init__(self, dataset: Any, rows: Sequence[int]) -> None:
         self.dataset, self.rows = dataset, list(rows)
@@ -186,16 +161,12 @@ class _Rows(Dataset):
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, int, int]:
         row = self.rows[k]
-        x, index = _item(self.dataset[row], row)
-        return x, index, row
+        x, index = split_item(self.dataset[row], row, float_only=True)
+        return x, int(index), row
 
 
 def _collate(items: list) -> tuple[torch.Tensor, list[int], list[int]]:
-    shapes = {tuple(x.shape) for x, _, _ in items}
-    if len(shapes) > 1:
-        raise DataError(f"data items have different shapes {sorted(shapes)}: resize them to one "
-                        "size (e.g. with the model's transform)")
-    return (torch.stack([x for x, _, _ in items]), [i for _, i, _ in items],
+    return (stack_inputs([x for x, _, _ in items]), [i for _, i, _ in items],
             [r for _, _, r in items])
 
 
@@ -234,7 +205,7 @@ def _scan(model: nn.Module, module: nn.Module, name: str, dataset: Any, rows: Se
                                 f"{tuple(x.shape[1:])}: resize them to one size")
             out = layer_output(model, module, name, x.to(dev))
             if not values:
-                check_unit_range(units, out.shape[1], name)
+                units_in_range(units, out.shape[1], name)
                 spatial = tuple(out.shape[2:])
             maps = out.index_select(1, unit_index)  # (b, U, *spatial)
             v, f = argmax_positions(maps.reshape(-1, *spatial))
@@ -305,7 +276,7 @@ def _project_pairs(model: nn.Module, module: nn.Module, name: str, dataset: Any,
             _paste(projections, p, grads[n])
         bar.update(len(batch))
 
-    with progress_bar(len(pairs), f"{method} patches {name}", progress, "patch") as bar:
+    with progress_bar(len(pairs), f"{method} patches {name}", progress, unit="patch") as bar:
         for x, _, rows in _batches(dataset, sorted(by_row), batch_size, num_workers):
             for image, row in zip(x, rows, strict=True):
                 for p in by_row[row]:
@@ -349,7 +320,7 @@ def _store_maxima(store: ActivationStore, name: str, units: list[int], dataset: 
             f"{store.path} was captured from another model (or other weights) than this one: "
             "capture a store of this model, or pass store=None to scan the dataset")
     maxima = store.maxima(name)
-    check_unit_range(units, maxima.shape[1], name)
+    units_in_range(units, maxima.shape[1], name)
     if not store.complete:
         log.warning("%s is incomplete: using its %d written rows", store.path, len(maxima))
     if len(maxima) > len(dataset):
@@ -434,9 +405,9 @@ def top_patches(
     >>> save_patch_grid(top, "features7.png", transform=transform)        # doctest: +SKIP
     """
     method = check_method(method)
-    units = check_units(units)
-    k = check_positive_int(k, "k")
-    batch_size = check_positive_int(batch_size, "batch_size")
+    units = unit_list(units)
+    k = positive_int(k, "k")
+    batch_size = positive_int(batch_size, "batch_size")
     name, module = one_layer(model, layer)
     try:
         n = len(dataset)

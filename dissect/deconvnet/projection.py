@@ -9,18 +9,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._device import prepared
+from .._plumbing.checks import batched_input, optional_positive_int, unit_list, units_in_range
+from .._plumbing.chunks import row_chunks
+from .._plumbing.device import prepared
+from .._plumbing.progress import progress_bar
 from ..errors import DissectError
-from ._common import (
-    check_input,
-    check_method,
-    check_positive_int,
-    check_unit_range,
-    check_units,
-    one_layer,
-    progress_bar,
-    run_to_layer,
-)
+from ._common import check_method, one_layer, run_to_layer
 from ._rules import RectifierRules, report_others
 
 log = logging.getLogger("dissect.deconvnet")
@@ -242,19 +236,16 @@ def reconstruct(
     >>> proj.shape                                                        # doctest: +SKIP
     torch.Size([4, 8, 3, 224, 224])
     """
-    x = check_input(x)
+    x = batched_input(x)
     method = check_method(method)
-    units = check_units(units)
+    units = unit_list(units)
     name, module = one_layer(model, layer)
-    if batch_size is not None:
-        batch_size = check_positive_int(batch_size, "batch_size")
-    size = x.shape[0] if batch_size is None else batch_size
-    chunks = [(s, min(s + size, x.shape[0])) for s in range(0, x.shape[0], size)]
+    chunks = row_chunks(x.shape[0], optional_positive_int(batch_size, "batch_size"))
     others: Counter[str] = Counter()
     result: torch.Tensor | None = None
     with prepared(model, device) as dev:
         checked: Location | None = None
-        bar = progress_bar(len(chunks) * len(units), f"{method} {name}", progress, "unit")
+        bar = progress_bar(len(chunks) * len(units), f"{method} {name}", progress, unit="unit")
         with bar:
             for start, stop in chunks:
                 xb = x[start:stop].detach().to(dev)
@@ -263,7 +254,7 @@ def reconstruct(
                     def make(out: torch.Tensor) -> torch.Tensor:
                         nonlocal checked
                         if checked is None:
-                            check_unit_range(units, out.shape[1], name)
+                            units_in_range(units, out.shape[1], name)
                             checked = check_location(location, tuple(out.shape[2:]), name)
                         rows = torch.full((out.shape[0],), unit, dtype=torch.int64)
                         bar.update(1)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._device import prepared
+from .._plumbing.device import prepared
 from ..errors import DissectError
 from ._common import one_layer, run_to_layer
 from ._rules import SupportMode

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,9 @@ import cv2
 import numpy as np
 import torch
 
-from ..attribution import save_png
+from .._plumbing.deprecation import renamed_kwargs
+from .._plumbing.images import write_png
+from .._plumbing.paths import unit_image_path
 from ..errors import DataError
 from .patches import TopPatches
 
@@ -60,10 +61,23 @@ def projection_image(projection: torch.Tensor | np.ndarray, *, scale: float | No
     return np.round(np.clip(shown, 0, 1).transpose(1, 2, 0) * 255).astype(np.uint8)
 
 
-def _picture(image: torch.Tensor, transform: Any) -> np.ndarray:
+def _denormalizer(denormalize: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The map from model inputs back to images in [0, 1]: a ``Preprocess``'s
+    ``denormalize``, a callable, or ``None`` (stretch each patch to [0, 1])."""
+    if denormalize is None:
+        return None
+    method = getattr(denormalize, "denormalize", None)  # a dissect.models.Preprocess
+    if callable(method):
+        return method
+    if not callable(denormalize):
+        raise DataError(f"denormalize must be a dissect.models.Preprocess or a callable on "
+                        f"(C, H, W) model inputs, got {type(denormalize).__name__}")
+    return denormalize
+
+
+def _picture(image: torch.Tensor, denormalize: Callable | None) -> np.ndarray:
     """A model-input patch as uint8 RGB: denormalized, or stretched to [0, 1]."""
     x = image.detach().float().cpu()
-    denormalize: Callable | None = getattr(transform, "denormalize", None)
     if denormalize is not None:
         x = denormalize(x)
     else:
@@ -111,14 +125,14 @@ def _block(tiles: list[np.ndarray], tile: int, columns: int) -> np.ndarray:
     return out
 
 
-def _unit_block(patches: TopPatches, n: int, transform: Any, tile: int,
+def _unit_block(patches: TopPatches, n: int, denormalize: Callable | None, tile: int,
                 label: bool) -> np.ndarray:
     """Unit ``patches.units[n]``: its projections' block beside its patches' block."""
     k = patches.k
     columns = math.ceil(math.sqrt(k))
     proj = _block([_fit(projection_image(p), tile) for p in patches.projections[n]], tile,
                   columns)
-    imgs = _block([_fit(_picture(p, transform), tile) for p in patches.images[n]], tile,
+    imgs = _block([_fit(_picture(p, denormalize), tile) for p in patches.images[n]], tile,
                   columns)
     h, w = proj.shape[:2]
     top = LABEL_HEIGHT if label else 0
@@ -140,11 +154,12 @@ def _positions(patches: TopPatches, units: Sequence[int] | None) -> list[int]:
     return [patches.units.index(u) for u in units]
 
 
+@renamed_kwargs(transform="denormalize")
 def patch_grid(
     patches: TopPatches,
     *,
     units: Sequence[int] | None = None,
-    transform: Any = None,
+    denormalize: Any = None,
     tile: int | None = None,
     columns: int = 4,
     labels: bool = True,
@@ -157,10 +172,11 @@ def patch_grid(
         What :func:`top_patches` returned.
     units
         Which of its units to show, in this order (``None``: all).
-    transform
-        The model's preprocessing (from :func:`dissect.models.load_model`): its
-        ``denormalize`` turns patches back into pictures. ``None``: each patch is stretched to
-        [0, 1].
+    denormalize
+        How model inputs become pictures again: the model's preprocessing (from
+        :func:`dissect.models.load_model`; its ``denormalize`` is used) or a callable on
+        ``(C, H, W)`` patches. ``None``: each patch is stretched to [0, 1]. (``transform=`` is
+        a deprecated alias, for one release.)
     tile
         Side of each tile in pixels (patches are resized to fit, keeping their aspect).
         ``None``: the patches' own size, small patches enlarged by a whole factor (nearest
@@ -180,7 +196,8 @@ def patch_grid(
     if columns < 1:
         raise DataError(f"columns must be >= 1, got {columns}")
     tile = tile_size(patches, tile)
-    blocks = [_unit_block(patches, n, transform, tile, labels)
+    denorm = _denormalizer(denormalize)
+    blocks = [_unit_block(patches, n, denorm, tile, labels)
               for n in _positions(patches, units)]
     if not blocks:
         raise DataError("no units to draw")
@@ -204,18 +221,19 @@ def save_patch_grid(patches: TopPatches, path: str | Path, **options: Any) -> Pa
     pathlib.Path
         The path written (parent folders are created).
     """
-    return save_png(path, patch_grid(patches, **options))
+    return write_png(path, patch_grid(patches, **options))
 
 
+@renamed_kwargs(directory="out_dir", transform="denormalize")
 def save_unit_grids(
     patches: TopPatches,
-    directory: str | Path,
+    out_dir: str | Path,
     *,
-    transform: Any = None,
+    denormalize: Any = None,
     tile: int | None = None,
     labels: bool = False,
 ) -> dict[int, Path]:
-    """Write one PNG per unit, ``DIR/<layer>/unit_<k:04d>.png``: its projections and patches.
+    """Write one PNG per unit, ``out_dir/<layer>/unit_<k:04d>.png``: projections and patches.
 
     For reports that show one unit at a time.
 
@@ -223,9 +241,10 @@ def save_unit_grids(
     ----------
     patches
         What :func:`top_patches` returned.
-    directory
-        The output folder; a subfolder named after the layer is created.
-    transform, tile, labels
+    out_dir
+        The output folder; a subfolder named after the layer is created
+        (:func:`dissect._plumbing.paths.unit_image_path`).
+    denormalize, tile, labels
         As in :func:`patch_grid`.
 
     Returns
@@ -233,10 +252,10 @@ def save_unit_grids(
     dict
         ``unit -> path`` of each file written.
     """
-    folder = Path(directory) / re.sub(r"[^A-Za-z0-9_.-]", "_", patches.layer)
     tile = tile_size(patches, tile)
+    denorm = _denormalizer(denormalize)
     written = {}
     for n, unit in enumerate(patches.units):
-        block = _unit_block(patches, n, transform, tile, labels)
-        written[unit] = save_png(folder / f"unit_{unit:04d}.png", block)
+        block = _unit_block(patches, n, denorm, tile, labels)
+        written[unit] = write_png(unit_image_path(out_dir, patches.layer, unit), block)
     return written

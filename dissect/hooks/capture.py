@@ -27,7 +27,7 @@ from torch.utils.data import (
 )
 from tqdm.auto import tqdm
 
-from .._device import resolve_device
+from .._plumbing.device import resolve_device
 from ..distributed import DistContext, publish_shards, shard_attr, shard_path
 from ..distributed import resolve as resolve_distributed
 from ..errors import DataError, DissectError, StoreError
@@ -573,11 +573,11 @@ def _run(
             x = x.to(dev, non_blocking=True)
             grads = None
             if grads_for is None:
-                with torch.inference_mode(), Trace(model, names, stop=True, transform=reduce) as tr:
+                with torch.inference_mode(), Trace(model, names, stop=True, record=reduce) as tr:
                     model(x)
             else:
                 x = x.detach().float().requires_grad_(True)
-                with Trace(model, names, grads=True, transform=reduce) as tr:
+                with Trace(model, names, grads=True, record=reduce) as tr:
                     target = _target_scalar(grads_for, model(x))
                     torch.autograd.grad(target, x)
                 grads = {

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._plumbing.deprecation import renamed_kwargs
 from ..errors import DissectError
 from .layers import LayerSelector, resolve_layers
 
@@ -76,10 +77,11 @@ class Trace:
         End the forward pass as soon as every requested layer has produced its output: the
         rest of the network is not computed. The internal :class:`StopForward` is swallowed on
         exit, so the forward call should be the last statement of the block.
-    transform
-        Optional ``(name, tensor) -> value`` applied to each detached output instead of the
-        default copy (e.g. to pool or cast on the device). It must not return a view of its
-        input if in-place operations may follow.
+    record
+        Optional ``(name, tensor) -> value``: what to keep of each output instead of the
+        default detached copy (e.g. to pool or cast on the device). It receives the live
+        output and must not return a view of it if in-place operations may follow.
+        (``transform=`` is a deprecated alias, for one release.)
 
     Notes
     -----
@@ -97,6 +99,7 @@ class Trace:
     >>> tr.outputs["layer4"].shape, tr.grads["layer4"].shape         # doctest: +SKIP
     """
 
+    @renamed_kwargs(transform="record")
     def __init__(
         self,
         model: nn.Module,
@@ -104,7 +107,7 @@ class Trace:
         grads: bool = False,
         stop: bool = False,
         *,
-        transform: Callable[[str, torch.Tensor], Any] | None = None,
+        record: Callable[[str, torch.Tensor], Any] | None = None,
     ) -> None:
         if grads and stop:
             raise DissectError(
@@ -115,7 +118,7 @@ class Trace:
         self.layers: list[str] = resolve_layers(model, layers)
         self.grads_enabled = grads
         self.stop = stop
-        self._transform = transform or _clone
+        self._record = record or _clone
         self.outputs: dict[str, Any] = {}
         self.grads: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
@@ -150,7 +153,7 @@ class Trace:
                 log.debug("layer %r ran more than once; keeping its first output", name)
             return
         tensor = first_tensor(output, name)
-        self.outputs[name] = self._transform(name, tensor)
+        self.outputs[name] = self._record(name, tensor)
         if self.grads_enabled:
             if not tensor.requires_grad:
                 raise DissectError(

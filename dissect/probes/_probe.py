@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._device import resolve_device
+from .._plumbing.device import resolve_device
 from ..errors import DissectError
 from ..store import ActivationStore
 from ._data import (

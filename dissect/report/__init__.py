@@ -29,10 +29,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .._plumbing.paths import unit_image_path
 from ..errors import DissectError
 from . import pages
 from .figures import category_chart, concept_bar_chart
-from .unit_images import outline_strip, render_unit_images, unit_image_path
+from .unit_images import outline_strip, render_unit_images
 
 __all__ = ["outline_strip", "render_unit_images", "unit_image_path", "write_report"]
 
@@ -60,7 +61,7 @@ def _copy(src: Path, report: Path, rel: str) -> str:
 def _unit_images(results: Path, report: Path, layer: str) -> dict[int, dict[str, str]]:
     images: dict[int, dict[str, str]] = {}
     for kind, folder in UNIT_IMAGE_KINDS.items():
-        for src in sorted((results / folder / layer).glob("unit_*.png")):
+        for src in sorted(unit_image_path(results / folder, layer, 0).parent.glob("unit_*.png")):
             try:
                 unit = int(src.stem.removeprefix("unit_"))
             except ValueError:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import html
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from .._plumbing.paths import safe_name
 from .figures import category_colors
 
 
@@ -17,8 +17,9 @@ def esc(value: Any) -> str:
 
 
 def slug(layer: str) -> str:
-    """A file-name-safe form of a layer name (``features.13`` stays ``features.13``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", layer) or "_"
+    """A file-name-safe, collision-free form of a layer name (``features.13`` stays
+    ``features.13``; see :func:`dissect._plumbing.paths.safe_name`)."""
+    return safe_name(layer)
 
 
 def layer_page_name(layer: str) -> str:

@@ -1,26 +1,27 @@
-"""Each unit's top images with its active region outlined and the rest dimmed.
+"""Drawing each unit's top images with its active region outlined and the rest dimmed.
 
 Network Dissection's figures show, for a unit, the images that excite it most with the region
 where its upsampled activation exceeds the threshold ``T_k`` kept bright and outlined, and the
-rest of each image dimmed. :func:`render_unit_images` draws those strips once, at analysis time,
-as PNG files; the report (:mod:`dissect.report`) only links them.
+rest of each image dimmed. Which images and which pixels is analysis work
+(:mod:`dissect.netdissect.unit_masks`); this module only draws the strips as PNG files, once,
+at analysis time, and the report links them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from .._plumbing.images import write_png
+from .._plumbing.paths import unit_image_path
+from .._plumbing.progress import progress_bar
 from ..errors import DissectError
+from ..netdissect.unit_masks import active_mask, chosen_units, unit_top_images
 from ..store import ActivationStore
 
 log = logging.getLogger(__name__)
@@ -29,43 +30,26 @@ DIM = 0.3  # brightness kept outside the active region
 OUTLINE_RGB = (255, 221, 0)  # a yellow that reads on dark and light images
 
 
-def unit_image_path(directory: str | Path, layer: str, unit: int) -> Path:
-    """Where a unit's image of a layer lives: ``directory/<layer>/unit_<unit:04d>.png``."""
-    return Path(directory) / layer / f"unit_{unit:04d}.png"
-
-
-@contextlib.contextmanager
-def _raw_images(dataset: Any) -> Iterator[Any]:
-    """The dataset with its transform removed (images as RGB floats in [0, 1])."""
-    saved = getattr(dataset, "transform", None)
-    if hasattr(dataset, "transform"):
-        dataset.transform = None
-    try:
-        yield dataset
-    finally:
-        if hasattr(dataset, "transform"):
-            dataset.transform = saved
-
-
 def outline_strip(
     images: Sequence[np.ndarray],
-    maps: Sequence[np.ndarray],
-    threshold: float,
+    masks: Sequence[np.ndarray],
+    threshold: float | None = None,
     *,
     size: int = 96,
     gap: int = 3,
 ) -> np.ndarray:
-    """Tile images side by side, each dimmed outside ``map > threshold`` and outlined.
+    """Tile images side by side, each dimmed outside its active region and outlined.
 
     Parameters
     ----------
     images
         ``(H, W, 3)`` uint8 RGB images.
-    maps
-        One activation map ``(h, w)`` per image; each is upsampled bilinearly
-        (``align_corners=False``, as Network Dissection scores it) to its image's size.
+    masks
+        One ``(H, W)`` bool active region per image (see
+        :func:`dissect.netdissect.unit_masks.active_mask`); or, with ``threshold``, one
+        activation map ``(h, w)`` per image, made into that region here.
     threshold
-        The unit's threshold ``T_k``.
+        The unit's threshold ``T_k`` when ``masks`` are activation maps.
     size
         Side of each square thumbnail in pixels.
     gap
@@ -76,15 +60,16 @@ def outline_strip(
     numpy.ndarray
         ``(size, n * size + (n - 1) * gap, 3)`` uint8 RGB.
     """
-    if len(images) != len(maps):
-        raise DissectError(f"{len(images)} images but {len(maps)} activation maps")
+    if len(images) != len(masks):
+        raise DissectError(f"{len(images)} images but {len(masks)} activation masks")
     n = len(images)
     strip = np.full((size, max(1, n * size + (n - 1) * gap), 3), 255, dtype=np.uint8)
-    for i, (image, amap) in enumerate(zip(images, maps, strict=True)):
-        h, w = image.shape[:2]
-        up = F.interpolate(torch.as_tensor(amap, dtype=torch.float32)[None, None], size=(h, w),
-                           mode="bilinear", align_corners=False)[0, 0].numpy()
-        active = (up > threshold).astype(np.uint8)
+    for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        if threshold is not None:
+            mask = active_mask(mask, threshold, image.shape[:2])
+        active = np.asarray(mask, dtype=np.uint8)
+        if active.shape != image.shape[:2]:
+            raise DissectError(f"mask {i} is {active.shape}, its image {image.shape[:2]}")
         shown = image.astype(np.float32) * np.where(active[..., None] > 0, 1.0, DIM)
         thumb = cv2.resize(shown.clip(0, 255).astype(np.uint8), (size, size),
                            interpolation=cv2.INTER_AREA)
@@ -96,21 +81,11 @@ def outline_strip(
     return strip
 
 
-def _as_uint8(image: Any) -> np.ndarray:
-    arr = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else image
-    arr = np.asarray(arr)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
-        arr = arr.transpose(1, 2, 0)
-    if arr.dtype != np.uint8:
-        arr = (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr
-
-
 def render_unit_images(
     result: Any,
     store: ActivationStore | str | Path,
     dataset: Any,
-    directory: str | Path,
+    out_dir: str | Path,
     *,
     layers: Sequence[str] | None = None,
     units: dict[str, Sequence[int]] | int | None = 64,
@@ -130,8 +105,9 @@ def render_unit_images(
     dataset
         The dataset the store was captured over (``dataset[i]["image"]``); its ``transform``
         is switched off while images are read, so they are shown as they are.
-    directory
-        Output folder: strips go to ``directory/<layer>/unit_<k:04d>.png``.
+    out_dir
+        Output folder: strips go to ``out_dir/<layer>/unit_<k:04d>.png``
+        (:func:`dissect._plumbing.paths.unit_image_path`).
     layers
         Layers to draw (default: all of ``result.layers``).
     units
@@ -152,45 +128,16 @@ def render_unit_images(
     opened = not isinstance(store, ActivationStore)
     store = ActivationStore(store) if opened else store
     try:
-        rows = {int(i): r for r, i in enumerate(store.index)}
+        todo = [(layer, u) for layer in (layers or result.layers)
+                for u in chosen_units(result, layer, units)]
         written: dict[str, dict[int, Path]] = {}
-        todo = []
-        for layer in layers or result.layers:
-            if layer not in store:
-                raise DissectError(f"layer {layer!r} is not in the store {store.path}")
-            if store[layer].ndim != 4:
-                raise DissectError(
-                    f"layer {layer!r} was captured pooled, shape {store[layer].shape}: unit "
-                    "images need spatial maps (capture without --pool)")
-            if isinstance(units, dict):
-                chosen = [int(u) for u in units.get(layer, [])]
-            else:
-                best = [u.unit for u in sorted(result.units(layer), key=lambda u: -u.iou)]
-                chosen = best if units is None else best[:units]
-            todo += [(layer, u) for u in chosen]
-        with _raw_images(dataset) as raw, tqdm(todo, desc="unit images", unit="unit",
-                                               disable=not progress, leave=False) as bar:
-            cache: dict[int, np.ndarray] = {}
-            for layer, unit in bar:
-                images, maps = [], []
-                for index in result.top_images(layer, k)[unit]:
-                    index = int(index)
-                    if index not in rows:
-                        continue
-                    if index not in cache:
-                        cache[index] = _as_uint8(raw[index]["image"])
-                    images.append(cache[index])
-                    maps.append(np.asarray(store[layer][rows[index], unit], dtype=np.float32))
-                strip = outline_strip(images, maps, float(result.thresholds(layer)[unit]),
-                                      size=size)
-                path = unit_image_path(directory, layer, unit)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                if not cv2.imwrite(str(path), cv2.cvtColor(strip, cv2.COLOR_RGB2BGR)):
-                    raise DissectError(f"could not write {path}")
-                written.setdefault(layer, {})[unit] = path
-                if len(cache) > 4096:
-                    cache.clear()
-        log.info("wrote %d unit images to %s", len(todo), directory)
+        with progress_bar(len(todo), "unit images", progress, unit="unit") as bar:
+            for top in unit_top_images(result, store, dataset, todo, k=k):
+                strip = outline_strip(top.images, top.masks, size=size)
+                path = write_png(unit_image_path(out_dir, top.layer, top.unit), strip)
+                written.setdefault(top.layer, {})[top.unit] = path
+                bar.update(1)
+        log.info("wrote %d unit images to %s", len(todo), out_dir)
         return written
     finally:
         if opened:

@@ -2,7 +2,7 @@
 
 Network Dissection counts, for every unit and concept, the active pixels that carry the
 concept's label. The active pixels come as row intervals
-(:func:`dissect.active_pixels.active_intervals`); the label planes are cut into *runs*: maximal
+(:func:`.active_pixels.active_intervals`); the label planes are cut into *runs*: maximal
 stretches of one row with one label. An interval overlaps the runs
 ``run_id[x0] .. run_id[x1 - 1]`` of its row in each plane and adds each overlap's length to that
 run's label. Intervals are a few pixels long and runs tens, so most intervals overlap a single
@@ -139,7 +139,7 @@ def interval_label_counts(
     runs
         :func:`label_runs` of the batch's ``(B, P, sh, sw)`` labels.
     b, k, y, x0, x1
-        The intervals (:func:`~dissect.active_pixels.active_intervals`): pixels
+        The intervals (:func:`.active_pixels.active_intervals`): pixels
         ``x0 <= x < x1`` of row ``y`` of image ``b`` are active for unit ``k``.
     units
         ``K``.

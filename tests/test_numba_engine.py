@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from dissect import DissectError
-from dissect.active_pixels import active_mask_dense
+from dissect.netdissect.active_pixels import active_mask_dense
 from dissect.datasets import Concept
-from dissect.fused_tally import count_batch
+from dissect.netdissect.numba_engine import count_batch
 from dissect.netdissect import IoUTally
 
 
@@ -146,7 +146,7 @@ def test_kernels_compile_where_numba_cannot_cache(tmp_path):
     # numba refuses cache=True when no cache folder is writable; the module must still import
     # and count (here numba is made to find no cache locator at all)
     code = ("import torch\n"
-            "from dissect.fused_tally import count_batch\n"
+            "from dissect.netdissect.numba_engine import count_batch\n"
             "inter, area, act = count_batch(torch.ones(1, 1, 2, 2), torch.zeros(1),\n"
             "    torch.ones(1, 1, 4, 4, dtype=torch.int64), torch.arange(2), 1, {})\n"
             "print(int(inter.sum()), int(area.sum()), int(act.sum()))\n")

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ._batchnorm_grad import FastBatchNormGrad
-from .errors import DissectError
+from ..errors import DissectError
+from .batchnorm_grad import FastBatchNormGrad
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

@@ -1,8 +1,8 @@
 """Network Dissection's counting on the CPU, fused into one compiled pass per image.
 
 :class:`~dissect.netdissect.IoUTally` has two engines that count exactly the same thing. The
-*torch* engine (:func:`~dissect.active_pixels.active_intervals`, then
-:func:`~dissect.label_runs.interval_label_counts`) is vectorized torch code and runs on any
+*torch* engine (:func:`.active_pixels.active_intervals`, then
+:func:`.label_runs.interval_label_counts`) is vectorized torch code and runs on any
 device. On the CPU its ~60 elementwise ops per batch each stream their operands through
 memory; this module's *numba* engine does the same arithmetic in one loop per image, compiled
 with numba (``cache=True``: compiled once per machine, ~2 s, then loaded in ~0.3 s):
@@ -15,11 +15,11 @@ with numba (``cache=True``: compiled once per machine, ~2 s, then loaded in ~0.3
    each pixel is classified from it in float64: *sure* (above ``T + m2``: its labels are counted
    while the image's planes are still in cache), *unsure* (within ``m2`` of ``T``), or out.
 
-The margins are :mod:`dissect.active_pixels`' (``m`` bounds any float32 implementation's
+The margins are :mod:`.active_pixels`' (``m`` bounds any float32 implementation's
 rounding; ``m2 = m (1 + 2**-20)`` dwarfs float64's), so sure pixels are exactly those that
 ``F.interpolate(maps, size, mode="bilinear", align_corners=False) > T`` marks away from the
 threshold; the rare unsure pixels are settled by ``F.interpolate`` itself
-(:func:`dissect.active_pixels.settle`), and so are all pixels of a map holding a NaN or an
+(:func:`.active_pixels.settle`), and so are all pixels of a map holding a NaN or an
 infinity. Images are split between ``torch.get_num_threads()`` threads (numba releases the GIL),
 each with its own count arrays, summed at the end: integer sums, so the split cannot change a
 count.
@@ -268,7 +268,7 @@ def count_batch(
     maps
         ``(B, K, h, w)`` activations (CPU; cast to float32 as ``F.interpolate`` sees them).
     thresholds
-        ``(K,)`` thresholds ``T_k`` (float32, as :func:`~dissect.active_pixels.active_intervals`
+        ``(K,)`` thresholds ``T_k`` (float32, as :func:`.active_pixels.active_intervals`
         uses them).
     pixel_labels
         ``(B, P, sh, sw)`` label numbers (0 or negative: no label).
@@ -279,7 +279,7 @@ def count_batch(
         ``C``, the number of concept columns.
     cache
         Dict kept by the caller across batches (geometry per shape, and
-        :func:`~dissect.active_pixels.settle`'s rounding check).
+        :func:`.active_pixels.settle`'s rounding check).
     threads
         Threads to split the images between (default ``torch.get_num_threads()``).
 

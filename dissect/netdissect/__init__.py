@@ -1,0 +1,40 @@
+"""Network Dissection (Bau et al., CVPR 2017): exact unit-concept IoU scoring.
+
+For every unit ``k`` of a layer and concept ``c`` of a :class:`~dissect.datasets.ConceptDataset`:
+
+- ``T_k`` is the ``(1 - quantile)`` quantile of all raw activations of unit ``k`` over the dataset
+  (every position of every image), equal to ``numpy.quantile(values, 1 - quantile)``: exact
+  (:func:`dissect.stats.exact_quantiles`), not a sketch.
+- Each map is upsampled to the segmentation size by bilinear interpolation
+  (``align_corners=False``); active pixels are those ``> T_k``
+  (:func:`.active_pixels.active_pixels`, exact and sparse).
+- ``I[k, c]`` sums ``|active_k AND mask_c|``, ``A[k, cat]`` sums the active area over images on
+  which category ``cat`` is annotated, ``L[c]`` the area of concept ``c``; an image-level label
+  covers its whole image. ``IoU[k, c] = I / (A[k, cat(c)] + L[c] - I)`` with ``cat(c)`` the
+  concept's primary category. A unit is a detector when its best IoU exceeds ``iou_threshold``.
+
+Counts are exact integers (int64 tallies; float64 sums and matrix products of integers below
+2**53). The intersections are counted per active row interval, not per pixel: each label row is
+cut into runs of one concept and an interval adds its overlap with each run it touches.
+
+Across processes (``torchrun``, :mod:`dissect.distributed`) each rank reads a contiguous shard
+of the store's rows; the thresholds are merged exactly (:func:`dissect.stats.exact_quantiles`
+with a collective) and the counts summed with an int64 all-reduce, so every rank returns the
+same result as a single process, bit for bit.
+
+Layout of this package
+----------------------
+- :mod:`.run`: :func:`dissect`, the thresholds and the pass over the annotations;
+- :mod:`.tally`: :class:`IoUTally` (the exact counts of one layer) and its engine choice;
+- :mod:`.active_pixels`: the active row intervals of upsampled maps, exact and sparse;
+- :mod:`.label_runs`: label rows cut into runs of one concept (the ``"torch"`` engine);
+- :mod:`.numba_engine`: the compiled one-pass-per-image counting kernel (the ``"numba"``
+  engine, CPU);
+- :mod:`.result`: :class:`UnitResult` and :class:`DissectionResult`.
+"""
+
+from .result import DissectionResult, UnitResult
+from .run import dissect
+from .tally import ENGINES, IoUTally
+
+__all__ = ["ENGINES", "DissectionResult", "IoUTally", "UnitResult", "dissect"]

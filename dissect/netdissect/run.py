@@ -1,0 +1,284 @@
+"""Network Dissection (Bau et al., CVPR 2017): exact unit-concept IoU scoring.
+
+For every unit ``k`` of a layer and concept ``c`` of a :class:`~dissect.datasets.ConceptDataset`:
+
+- ``T_k`` is the ``(1 - quantile)`` quantile of all raw activations of unit ``k`` over the dataset
+  (every position of every image), equal to ``numpy.quantile(values, 1 - quantile)``: exact
+  (:func:`dissect.stats.exact_quantiles`), not a sketch.
+- Each map is upsampled to the segmentation size by bilinear interpolation
+  (``align_corners=False``); active pixels are those ``> T_k``
+  (:func:`dissect.netdissect.netdissect.active_pixels.active_pixels`, exact and sparse).
+- ``I[k, c]`` sums ``|active_k AND mask_c|``, ``A[k, cat]`` sums the active area over images on
+  which category ``cat`` is annotated, ``L[c]`` the area of concept ``c``; an image-level label
+  covers its whole image. ``IoU[k, c] = I / (A[k, cat(c)] + L[c] - I)`` with ``cat(c)`` the
+  concept's primary category. A unit is a detector when its best IoU exceeds ``iou_threshold``.
+
+Counts are exact integers (int64 tallies; float64 sums and matrix products of integers below
+2**53). The intersections are counted per active row interval, not per pixel: each label row is
+cut into runs of one concept and an interval adds its overlap with each run it touches.
+
+Across processes (``torchrun``, :mod:`dissect.distributed`) each rank reads a contiguous shard
+of the store's rows; the thresholds are merged exactly (:func:`dissect.stats.exact_quantiles`
+with a collective) and the counts summed with an int64 all-reduce, so every rank returns the
+same result as a single process, bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .._plumbing.device import resolve_device
+from ..datasets.concepts import collate
+from ..distributed import DistContext
+from ..distributed import resolve as resolve_distributed
+from ..errors import DissectError
+from ..hooks.capture import capture
+from ..hooks.layers import LayerSelector
+from ..stats import exact_quantiles
+from ..store import ActivationStore
+from .result import DissectionResult
+from .tally import IoUTally
+
+log = logging.getLogger(__name__)
+
+
+class _Annotations(Dataset):
+    """A concept dataset's annotations in store row order (skipping images when possible)."""
+
+    def __init__(self, dataset: Any, index: np.ndarray) -> None:
+        self.dataset, self.index = dataset, index
+        self._light = callable(getattr(dataset, "annotations", None))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        i = int(self.index[row])
+        item = self.dataset.annotations(i) if self._light else self.dataset[i]
+        return {k: item[k] for k in ("pixel_labels", "image_labels", "annotated", "index")}
+
+
+def _check_dataset(dataset: Any) -> None:
+    for attr in ("concepts", "categories"):
+        if not hasattr(dataset, attr):
+            raise DissectError(
+                f"dataset has no .{attr}: dissection needs a ConceptDataset "
+                "(Broden, SyntheticConcepts, or one with the same contract)"
+            )
+
+
+def dissect(
+    source: ActivationStore | nn.Module,
+    dataset: Any,
+    layers: LayerSelector | None = None,
+    *,
+    quantile: float = 0.005,
+    iou_threshold: float = 0.04,
+    categories: list[str] | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    num_workers: int = 0,
+    store_path: str | Path | None = None,
+    top_k: int = 16,
+    distributed: DistContext | bool | None = None,
+) -> DissectionResult:
+    """Score every unit of the chosen layers against every concept of a concept dataset.
+
+    Parameters
+    ----------
+    source
+        An :class:`~dissect.ActivationStore` captured over ``dataset`` with ``pool=None``
+        (rows aligned by its ``/index``), or a model: then its activations are captured first
+        into ``store_path`` (a temporary file when ``None``) with the dataset's transform.
+    dataset
+        A concept dataset (``concepts``, ``categories``, items with label planes).
+    layers
+        Layers to dissect (default: every layer of the store). Required for a model.
+    quantile
+        Top fraction of activations that counts as active (NetDissect: 0.005).
+    iou_threshold
+        A unit is a detector when its best IoU exceeds this (NetDissect: 0.04).
+    categories
+        Score only concepts of these categories (default: all).
+    batch_size
+        Images per counting step.
+    device
+        ``None`` for CUDA when available, else CPU. Counting runs there with
+        :class:`IoUTally`'s default engine: numba's compiled kernel on the CPU, vectorized
+        torch ops elsewhere (the same counts).
+    progress
+        Show progress bars.
+    num_workers
+        DataLoader workers reading the annotations.
+    store_path
+        Where to capture when ``source`` is a model.
+    top_k
+        How many top images per unit to keep (from the store's maxima).
+    distributed
+        Multi-process runs (:mod:`dissect.distributed`): ``None`` detects an initialized
+        process group or ``torchrun``'s variables, ``False`` forces one process, or pass a
+        :class:`~dissect.distributed.DistContext`. Each rank scores a contiguous shard of the
+        rows; thresholds and counts are merged exactly and every rank returns the same result,
+        identical to a single process's. A model is captured across the ranks first
+        (``store_path`` must then be on a filesystem every rank sees; the default temporary
+        folder is rank 0's, which only works on one machine). Only rank 0 shows progress bars.
+
+    Returns
+    -------
+    DissectionResult
+    """
+    _check_dataset(dataset)
+    if not 0 < quantile < 1:
+        raise DissectError(f"quantile must be in (0, 1), got {quantile}")
+    if batch_size < 1:
+        raise DissectError(f"batch_size must be >= 1, got {batch_size}")
+    ctx = resolve_distributed(distributed, device)
+    dev = ctx.device(device) if ctx is not None else resolve_device(device)
+    tmp = None
+    shared_tmp: str | None = None
+    if isinstance(source, nn.Module):
+        if layers is None:
+            raise DissectError("give layers=... when dissecting a model")
+        if store_path is None and ctx is None:
+            tmp = tempfile.TemporaryDirectory(prefix="dissect-")
+            store_path = Path(tmp.name) / "activations.h5"
+        elif store_path is None:
+            shared_tmp = ctx.on_main("make a temporary folder",
+                                     lambda: tempfile.mkdtemp(prefix="dissect-"))
+            store_path = Path(shared_tmp) / "activations.h5"
+        source = capture(source, dataset, layers, store_path, batch_size=batch_size,
+                         device=dev, progress=progress, num_workers=num_workers,
+                         distributed=ctx if ctx is not None else False)
+    if not isinstance(source, ActivationStore):
+        raise DissectError("source must be an ActivationStore or a torch.nn.Module")
+    store = source
+    finished = False
+    try:
+        result = _dissect_store(store, dataset, layers, quantile, iou_threshold, categories,
+                                batch_size, dev, progress, num_workers, top_k, ctx)
+        finished = True
+        return result
+    finally:
+        if tmp is not None:
+            store.close()
+            tmp.cleanup()
+        if shared_tmp is not None:
+            store.close()
+            if finished:  # every rank is done reading before rank 0 removes the folder
+                ctx.barrier("remove the temporary store")
+            if ctx.is_main:
+                shutil.rmtree(shared_tmp, ignore_errors=True)
+
+
+def _dissect_store(
+    store: ActivationStore,
+    dataset: Any,
+    layers: LayerSelector | None,
+    quantile: float,
+    iou_threshold: float,
+    categories: list[str] | None,
+    batch_size: int,
+    dev: torch.device,
+    progress: bool,
+    num_workers: int,
+    top_k: int,
+    ctx: DistContext | None = None,
+) -> DissectionResult:
+    if not store.complete:
+        raise DissectError(f"{store.path} is an unfinished capture: rerun capture to finish it")
+    if layers is None:
+        names = store.layers
+    elif isinstance(layers, str):
+        names = [layers]
+    elif callable(layers):
+        names = [n for n in store.layers if layers(n)]
+    else:
+        names = list(layers)
+    for name in names:
+        if name not in store:
+            raise DissectError(f"layer {name!r} is not in {store.path}; it has {store.layers}")
+        if store[name].ndim != 4:
+            raise DissectError(
+                f"layer {name!r} is stored as {store[name].shape}: dissection needs spatial maps "
+                "(N, C, H, W); capture with pool=None"
+            )
+    all_cats = list(dataset.categories)
+    if categories is not None:
+        unknown = sorted(set(categories) - set(all_cats))
+        if unknown:
+            raise DissectError(f"unknown categories {unknown}; the dataset has {all_cats}")
+    keep = set(categories or all_cats)
+    concepts = [c for c in dataset.concepts if c.category in keep and c.number != 0]
+    cats = [c for c in all_cats if c in keep]
+    index = store.index
+    if len(index) and (index.min() < 0 or index.max() >= len(dataset)):
+        raise DissectError(f"{store.path} rows index items beyond the dataset's {len(dataset)}")
+    stored_dtype = np.dtype(store[names[0]].dtype)
+    # this rank's rows (all of them in one process); results are merged exactly below
+    rows = ctx.shard(len(store), batch_size) if ctx is not None else range(len(store))
+    progress = progress and (ctx is None or ctx.is_main)
+    # thresholds of every layer first (each its own pass over the store) ...
+    thresholds: dict[str, np.ndarray] = {}
+    tallies: dict[str, IoUTally] = {}
+    for name in names:
+        ds = store[name]
+        n, units, h, w = ds.shape
+        read = min(len(store), max(1, (1 << 24) // max(1, units * h * w)))
+
+        def batches(ds=ds, read: int = read):
+            for start in range(rows.start, rows.stop, read):
+                block = torch.from_numpy(ds[start : min(start + read, rows.stop)]).float()
+                yield block.transpose(0, 1).reshape(block.shape[1], -1)
+
+        with ctx.phase("threshold merge") if ctx is not None else nullcontext():
+            thresholds[name] = exact_quantiles(batches, units, n * h * w, 1 - quantile,
+                                               dtype=np.dtype(ds.dtype), device=dev,
+                                               collective=ctx)
+        tallies[name] = IoUTally(units, concepts, all_cats, device=dev)
+    # ... then one pass over the annotations for all layers: each batch's label planes are
+    # decoded and cut into runs once, and every layer's tally counts against them
+    thr_t = {name: torch.from_numpy(thresholds[name].astype(np.float32)).to(dev)
+             for name in names}
+    loader = DataLoader(_Annotations(dataset, index[rows.start : rows.stop]),
+                        batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    desc = "netdissect " + (", ".join(names) if len(names) <= 3 else f"{len(names)} layers")
+    row = rows.start
+    with tqdm(total=len(rows), desc=desc, unit="img", disable=not progress) as bar:
+        for item in loader:
+            b = len(item["annotated"])
+            first = tallies[names[0]]  # the torch engine cuts label runs once for all layers
+            labels = first.label_batch(item["pixel_labels"]) if first.engine == "torch" else None
+            for name in names:
+                maps = torch.from_numpy(store[name][row : row + b]).to(dev, torch.float32)
+                tallies[name].add(maps, thr_t[name], item["pixel_labels"], item["image_labels"],
+                                  item["annotated"], labels=labels)
+            row += b
+            bar.update(b)
+    iou, top = {}, {}
+    for name in names:
+        tally = tallies[name]
+        if ctx is not None:  # exact: int64 counts summed over the ranks
+            with ctx.phase("count reduction"):
+                tally.load_state_dict(
+                    {k: ctx.all_sum(v) for k, v in tally.state_dict().items()}
+                )
+        iou[name] = tally.result()
+        maxima = store.maxima(name)
+        order = np.argsort(-maxima, axis=0, kind="stable")[: min(top_k, len(maxima))].T
+        top[name] = index[order]
+    meta = {"store": str(store.path), "model": store.meta.get("model"),
+            "stored_dtype": str(stored_dtype), "n_images": int(len(index))}
+    return DissectionResult(names, concepts, cats, iou, thresholds, top, quantile=quantile,
+                            iou_threshold=iou_threshold, meta=meta)
