@@ -3,6 +3,7 @@
 Public API (re-exported names only; each lives in a module named for what it does)::
 
     from dissect import Trace, capture, layer_names, ActivationStore, load_model, DissectError
+    from dissect import prepare_model, PreparedModel       # the one device policy
     from dissect import dissect_units, reconstruct, visualize, probe, integrated_gradients
 
 ``import dissect`` stays light: the analyses (and torchvision, OpenCV, matplotlib) load on first
@@ -12,6 +13,7 @@ use of their names. Each also has its module: ``dissect.netdissect``, ``dissect.
 
 from importlib import import_module
 
+from ._plumbing.device import PreparedModel, prepare_model
 from .errors import DataError, DissectError, LayerNotFoundError, ModelSpecError, StoreError
 from .hooks import Trace, capture, layer_names
 from .store import ActivationStore
@@ -44,10 +46,12 @@ __all__ = [
     "DissectError",
     "LayerNotFoundError",
     "ModelSpecError",
+    "PreparedModel",
     "StoreError",
     "Trace",
     "capture",
     "layer_names",
+    "prepare_model",
     "__version__",
     *_LAZY,
 ]

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ._plumbing.device import resolve_device
+from ._plumbing.device import prepare_model, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class DemoSettings:
     images: int
     image_size: int
     gallery_units: int
-    top_k: int
+    k: int
     best_units: int
     actmax_size: int
     actmax_steps: int
@@ -58,14 +58,14 @@ class DemoSettings:
     @classmethod
     def full(cls) -> DemoSettings:
         """About 1,000 concept images, 48 units per layer shown, 4 visualized."""
-        return cls(images=1000, image_size=112, gallery_units=48, top_k=5, best_units=4,
+        return cls(images=1000, image_size=112, gallery_units=48, k=5, best_units=4,
                    actmax_size=112, actmax_steps=160, patches=9, ig_steps=32,
                    occlusion_window=56, photos=6)
 
     @classmethod
     def fast(cls) -> DemoSettings:
         """A small run that still exercises every step (used by the tests)."""
-        return cls(images=96, image_size=64, gallery_units=8, top_k=3, best_units=2,
+        return cls(images=96, image_size=64, gallery_units=8, k=3, best_units=2,
                    actmax_size=48, actmax_steps=8, patches=3, ig_steps=4,
                    occlusion_window=112, photos=2)
 
@@ -120,10 +120,12 @@ def run_demo(
     settings = DemoSettings.fast() if fast else DemoSettings.full()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
     steps = _Steps()
     model, transform = load_model("mobilenet_v2-imagenet")
-    model.to(dev).eval()
+    model.eval()
+    # placed once, weights hashed once for every analysis below (dissect.prepare_model)
+    model = prepare_model(model, resolve_device(device))
+    dev = model.device
     data = SyntheticConcepts(settings.images, size=settings.image_size, seed=0,
                              transform=transform.without_resize())
     store = steps.run("capture", lambda: capture(
@@ -136,7 +138,7 @@ def run_demo(
     result.to_json(out / "netdissect.json")
     result.to_csv(out)
     steps.run("unit images", lambda: render_unit_images(
-        result, store, data, out / "units", units=settings.gallery_units, k=settings.top_k,
+        result, store, data, out / "units", units=settings.gallery_units, k=settings.k,
         progress=progress))
     best = {layer: [u.unit for u in sorted(result.units(layer), key=lambda u: -u.iou)]
             [:settings.best_units] for layer in LAYERS}
@@ -169,15 +171,14 @@ def run_demo(
 
 
 def _actmax(model, transform, best, directory, settings, dev, progress) -> None:
-    from .actmax import channel, save_unit_images, visualize
+    from .actmax import channel, visualize
 
     objectives = [channel(layer, u) for layer, units in best.items() for u in units]
-    images = visualize(model, objectives, size=settings.actmax_size, steps=settings.actmax_steps,
-                       device=dev, progress=progress, normalize=transform.normalize)
-    start = 0
-    for layer, units in best.items():
-        save_unit_images(images[start:start + len(units)], directory, layer, units)
-        start += len(units)
+    result = visualize(model, objectives, size=settings.actmax_size, steps=settings.actmax_steps,
+                       device=dev, progress=progress, normalize=transform.normalize,
+                       return_result=True)
+    result.save_unit_images(directory)
+    result.to_json(directory / "actmax.json")
 
 
 def _deconv(model, transform, data, store, best, directory, settings, dev, progress) -> None:
@@ -206,7 +207,7 @@ def _attributions(model, transform, photos, directory, settings, dev, batch_size
     n = min(settings.photos, len(photos))
     x = torch.stack([photos[i]["image"] for i in range(n)]).to(dev)
     with torch.inference_mode():
-        probs = model(x).softmax(1)
+        probs = model.module(x).softmax(1)
     targets = probs.argmax(1).tolist()
     cats = imagenet_categories()
     x_cl = x.contiguous(memory_format=torch.channels_last)  # faster CPU kernels, same result

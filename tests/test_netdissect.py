@@ -224,7 +224,7 @@ def test_result_outputs(tmp_path):
     rng = np.random.default_rng(2)
     acts = rng.standard_normal((12, 4, 3, 3)).astype(np.float32)
     ds = TinyConcepts(12, (6, 6))
-    res = dissect(_store(tmp_path / "a.h5", acts), ds, quantile=0.1, progress=False, top_k=3)
+    res = dissect(_store(tmp_path / "a.h5", acts), ds, quantile=0.1, progress=False, k=3)
     assert res.top_images("conv").shape == (4, 3)
     np.testing.assert_array_equal(res.top_images("conv")[:, 0], acts.max(axis=(2, 3)).argmax(0))
     (path,) = res.to_csv(tmp_path / "csv")

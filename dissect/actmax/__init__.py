@@ -10,6 +10,8 @@
 - :func:`evaluate`: the objective reached by given images, without transforms.
 - Objectives (:mod:`.objectives`): ``("layer", unit)``, :func:`channel`, :func:`neuron`,
   :func:`logit`, :func:`direction`; they add, subtract, negate and scale.
+- :class:`ActmaxResult` (``visualize(..., return_result=True)``): the images with their
+  objectives, units and the values reached; ``to_json``/``from_json`` for the report.
 - :func:`save_grid`, :func:`save_unit_images`: PNG output (OpenCV).
 """
 
@@ -19,6 +21,7 @@ from .objectives import OUTPUT, Objective, as_objective, channel, direction, log
 from .param import ImageParam
 from .regularizers import L1, L2, Blur, TotalVariation, total_variation
 from .render import evaluate, invert, representation_distance, visualize
+from .result import ActmaxResult
 from .transforms import (
     Jitter,
     Pad,
@@ -31,6 +34,7 @@ from .transforms import (
 )
 
 __all__ = [
+    "ActmaxResult",
     "L1",
     "L2",
     "OUTPUT",

@@ -37,6 +37,9 @@ class Objective:
         The layer names ``fn`` reads (:data:`OUTPUT` for the model output).
     name
         A short description (``"features.10:3"``), shown in logs and as grid labels.
+    unit
+        ``(layer, channel)`` when the objective is exactly one channel's mean
+        (:func:`channel`), so results can be filed per unit; ``None`` otherwise.
 
     Examples
     --------
@@ -44,13 +47,14 @@ class Objective:
     >>> obj({"features.10": acts})            # (N,) values              # doctest: +SKIP
     """
 
-    __slots__ = ("_fn", "layers", "name")
+    __slots__ = ("_fn", "layers", "name", "unit")
 
     def __init__(self, fn: Callable[[Activations], torch.Tensor], layers: Iterable[str],
-                 name: str) -> None:
+                 name: str, unit: tuple[str, int] | None = None) -> None:
         self._fn = fn
         self.layers: tuple[str, ...] = tuple(dict.fromkeys(layers))
         self.name = name
+        self.unit = unit
 
     def __call__(self, activations: Activations) -> torch.Tensor:
         """Evaluate on activations with ``N`` rows; returns ``(N,)`` values."""
@@ -218,7 +222,7 @@ def channel(layer: str, unit: int) -> Objective:
         u = _unit_of(acts, layer, unit)
         return u if u.ndim == 1 else u.flatten(1).mean(1)
 
-    return Objective(fn, [layer], f"{layer}:{unit}")
+    return Objective(fn, [layer], f"{layer}:{unit}", unit=(layer, unit))
 
 
 def neuron(layer: str, unit: int, y: int | None = None, x: int | None = None) -> Objective:

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import numbers
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from torch import nn
 from .._plumbing.checks import optional_positive_int, positive_int
 from .._plumbing.chunks import row_chunks
 from .._plumbing.deprecation import renamed_kwargs
-from .._plumbing.device import model_run_device
+from .._plumbing.device import PreparedModel, as_module, model_devices, prepared, run_device
 from .._plumbing.progress import progress_bar
 from ..errors import DissectError
 from ..hooks import Trace, resolve_layers
@@ -24,6 +24,7 @@ from .fastcopy import fast_copy
 from .objectives import OUTPUT, Objective, ObjectiveLike, as_objectives
 from .param import PARAMS, ImageParam
 from .regularizers import RegularizerLike, TotalVariation, resolve_regularizers
+from .result import ActmaxResult
 from .transforms import TransformLike, apply_all, draw, resolve_transforms
 
 log = logging.getLogger("dissect.actmax")
@@ -36,27 +37,28 @@ POSTFIX_EVERY = 16  # steps between progress-bar updates of the objective (a dev
 
 
 @contextlib.contextmanager
-def _prepared(model: nn.Module, device: str | torch.device | None,
+def _prepared(model: nn.Module | PreparedModel, device: str | torch.device | None,
               layers: Sequence[str]) -> Iterator[tuple[nn.Module, torch.device]]:
-    """The model to run (a fast eval-mode copy, see :mod:`.fastcopy`) and the device.
+    """The model to run (a fast eval-mode copy, see :mod:`.fastcopy`) and the inputs' device.
 
-    Gradients are enabled inside, also under a caller's ``no_grad`` or ``inference_mode``.
-    The caller's model is left as it is, unless it cannot be copied: then it is moved to the
-    device and put in eval mode, and every module's mode is restored on exit.
+    The copy is placed by the device policy (:func:`dissect.prepare_model`) without touching
+    the caller's model: where the model is, or on ``device``; a copy of a model spread over
+    several devices keeps its placement. Gradients are enabled inside, also under a caller's
+    ``no_grad`` or ``inference_mode``. A model that cannot be copied is used itself, with a
+    warning: then it is placed by :func:`dissect.prepare_model` (moved only when ``device``
+    asks) and put in eval mode, and every module's mode is restored on exit. Running out of
+    memory while copying is an error, never a reason to fall back to the caller's model.
     """
-    dev = model_run_device(model, device)
-    runner = fast_copy(model, dev, layers)
-    modes = []
-    if runner is model:
-        model.to(dev)
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            yield runner, dev
-    finally:
-        for module, training in modes:
-            module.training = training
+    module = model.module if isinstance(model, PreparedModel) else model
+    dev = run_device(module, device)
+    spread = len(model_devices(module)) > 1
+    runner = fast_copy(module, None if spread else dev, layers)
+    if runner is module:
+        with prepared(model, device) as run:
+            yield module, run.device
+        return
+    with torch.inference_mode(False), torch.enable_grad():
+        yield runner, dev
 
 
 def _normalizer(normalize: Normalizer | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -119,7 +121,7 @@ class _Forward:
 def _needed(model: nn.Module, objectives: Sequence[Objective]) -> tuple[list[str], bool]:
     layers = list(dict.fromkeys(n for o in objectives for n in o.layers if n != OUTPUT))
     if layers:
-        layers = resolve_layers(model, layers)  # LayerNotFoundError with close names
+        layers = resolve_layers(as_module(model), layers)  # closest names on a typo
     return layers, any(o.needs_output for o in objectives)
 
 
@@ -138,9 +140,21 @@ def _rowwise(objectives: Sequence[Objective], acts: dict[str, torch.Tensor]) -> 
 # --------------------------------------------------------------------------- visualize
 
 
+@overload
+def visualize(model: nn.Module | PreparedModel,
+              objectives: ObjectiveLike | Sequence[ObjectiveLike], *,
+              return_result: Literal[False] = False, **options: Any) -> torch.Tensor: ...
+
+
+@overload
+def visualize(model: nn.Module | PreparedModel,
+              objectives: ObjectiveLike | Sequence[ObjectiveLike], *,
+              return_result: Literal[True], **options: Any) -> ActmaxResult: ...
+
+
 @renamed_kwargs(batch="batch_size", transform="normalize")
 def visualize(
-    model: nn.Module,
+    model: nn.Module | PreparedModel,
     objectives: ObjectiveLike | Sequence[ObjectiveLike],
     *,
     size: int = 128,
@@ -155,7 +169,8 @@ def visualize(
     device: str | torch.device | None = None,
     progress: bool = True,
     normalize: Normalizer | None = None,
-) -> torch.Tensor:
+    return_result: bool = False,
+) -> torch.Tensor | ActmaxResult:
     """Images that maximize each objective (activation maximization, Erhan 2009; Olah 2017).
 
     Every objective gets its own image; all images share one batched forward (and backward)
@@ -212,10 +227,16 @@ def visualize(
         deprecated alias, for one release: in torch-dissect ``transform`` names a dataset's
         per-image preprocessing only.)
 
+    return_result
+        Return an :class:`~dissect.actmax.ActmaxResult` (the images, each objective's name and
+        unit, the value each image reaches without the random transforms, the settings; one
+        more forward pass) instead of the bare images.
+
     Returns
     -------
-    torch.Tensor
-        ``(len(objectives), 3, size, size)`` float32 images in [0, 1], on the CPU.
+    torch.Tensor or ActmaxResult
+        ``(len(objectives), 3, size, size)`` float32 images in [0, 1], on the CPU (or the
+        result holding them, with ``return_result=True``).
 
     Raises
     ------
@@ -277,7 +298,22 @@ def visualize(
                 bar.set_postfix(objective=f"{float(torch.cat(scores).mean()):.4g}")
         bar.close()
         with torch.no_grad():
-            return image().float().cpu()
+            final = image()
+            if not return_result:
+                return final.float().cpu()
+            reached = torch.cat([_rowwise(objs[a:b], forward(final[a:b])) for a, b in chunks])
+    settings = {"size": size, "steps": steps, "lr": lr, "param": param,
+                "decorrelate": decorrelate, "transforms": _describe(transforms),
+                "seed": seed, "device": str(dev), "batch_size": batch_size}
+    return ActmaxResult("visualize", final.float().cpu(), [o.name for o in objs],
+                        [o.unit for o in objs], reached.double().cpu().numpy(), settings)
+
+
+def _describe(transforms: Any) -> Any:
+    """The ``transforms=`` argument as JSON-friendly text."""
+    if transforms is None or isinstance(transforms, str):
+        return transforms
+    return [getattr(t, "__name__", type(t).__name__) for t in transforms]
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -285,7 +321,7 @@ def visualize(
 
 @renamed_kwargs(batch="batch_size", transform="normalize")
 def evaluate(
-    model: nn.Module,
+    model: nn.Module | PreparedModel,
     objectives: ObjectiveLike | Sequence[ObjectiveLike],
     images: torch.Tensor,
     *,
@@ -342,9 +378,19 @@ def representation_distance(target: torch.Tensor, other: torch.Tensor) -> torch.
     return diff / target.flatten(1).pow(2).sum(1).clamp_min(1e-12)
 
 
+@overload
+def invert(model: nn.Module | PreparedModel, x: torch.Tensor, layer: str, *,
+           return_result: Literal[False] = False, **options: Any) -> torch.Tensor: ...
+
+
+@overload
+def invert(model: nn.Module | PreparedModel, x: torch.Tensor, layer: str, *,
+           return_result: Literal[True], **options: Any) -> ActmaxResult: ...
+
+
 @renamed_kwargs(batch="batch_size", transform="normalize")
 def invert(
-    model: nn.Module,
+    model: nn.Module | PreparedModel,
     x: torch.Tensor,
     layer: str,
     *,
@@ -360,7 +406,8 @@ def invert(
     device: str | torch.device | None = None,
     progress: bool = True,
     normalize: Normalizer | None = None,
-) -> torch.Tensor:
+    return_result: bool = False,
+) -> torch.Tensor | ActmaxResult:
     """Reconstruct images from a layer's representation (Mahendran & Vedaldi, CVPR 2015).
 
     Starting from noise, minimizes for each image
@@ -391,11 +438,15 @@ def invert(
         Further penalties, as in :func:`visualize`.
     batch_size, seed, device, progress, normalize
         As in :func:`visualize`.
+    return_result
+        Return an :class:`~dissect.actmax.ActmaxResult` (kind ``"invert"``, values: each
+        reconstruction's final representation distance) instead of the bare images.
 
     Returns
     -------
-    torch.Tensor
-        Reconstructions in [0, 1], shaped like ``x``, float32 on the CPU.
+    torch.Tensor or ActmaxResult
+        Reconstructions in [0, 1], shaped like ``x``, float32 on the CPU (with
+        ``return_result=True``, the result holds them as ``(B, 3, H, W)``).
     """
     if not isinstance(x, torch.Tensor) or x.ndim not in (3, 4) or x.shape[-3] != 3:
         raise DissectError(
@@ -416,7 +467,7 @@ def invert(
     if tv_weight > 0:
         regs = [TotalVariation(float(tv_weight), float(tv_beta)), *regs]
     norm = _normalizer(normalize)
-    (name,) = resolve_layers(model, layer if isinstance(layer, str) else [layer])
+    (name,) = resolve_layers(as_module(model), layer if isinstance(layer, str) else [layer])
     n, (h, w) = xs.shape[0], xs.shape[-2:]
     with _prepared(model, device, [name]) as (runner, dev):
         forward = _Forward(runner, [name], False, norm)
@@ -446,5 +497,16 @@ def invert(
                 bar.set_postfix(distance=f"{float(torch.cat(dists).mean()):.4g}")
         bar.close()
         with torch.no_grad():
-            result = image().float().cpu()
-    return result[0] if single else result
+            final = image()
+            if return_result:
+                reached = torch.cat([
+                    representation_distance(target, forward(final[a:b])[name])
+                    for (a, b), target in zip(chunks, targets, strict=True)])
+    if not return_result:
+        result = final.float().cpu()
+        return result[0] if single else result
+    settings = {"layer": name, "steps": steps, "lr": lr, "tv_weight": tv_weight,
+                "tv_beta": tv_beta, "param": param, "decorrelate": decorrelate, "seed": seed,
+                "device": str(dev), "batch_size": batch_size}
+    return ActmaxResult("invert", final.float().cpu(), [f"invert {name}"] * n, [None] * n,
+                        reached.double().cpu().numpy(), settings)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._plumbing.chunks import row_chunks
+from .._plumbing.device import PreparedModel
 from ..errors import DissectError
 
 log = logging.getLogger("dissect.attribution")
@@ -150,9 +151,10 @@ def as_baseline(baseline: Any, x: torch.Tensor, what: str = "baseline") -> torch
         ) from None
 
 
-def to_device(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    """A plain (non-inference, detached) copy of ``x`` on ``dev``."""
-    return x.detach().to(dev).clone()
+def to_device(x: torch.Tensor, run: PreparedModel) -> torch.Tensor:
+    """A plain (non-inference, detached) copy of ``x`` where the model takes its inputs (its
+    device, and its floating dtype)."""
+    return run.inputs(x.detach()).clone()
 
 
 def empty_rows(x: torch.Tensor, rows: int) -> torch.Tensor:

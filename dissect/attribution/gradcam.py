@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._plumbing.checks import batched_input
-from .._plumbing.device import prepared
+from .._plumbing.device import as_module, prepared
 from ..errors import DissectError
 from ..hooks import Trace
 from ._core import Target, check_target, scores, to_device
@@ -73,11 +73,12 @@ def grad_cam(
     """
     x = batched_input(x)
     target = check_target(target, x.shape[0])
-    name = _layer_name(model, layer)
+    name = _layer_name(as_module(model), layer)
     if interpolation is not None and interpolation not in INTERPOLATIONS:
         raise DissectError(f"unknown interpolation {interpolation!r}; use one of {INTERPOLATIONS}")
-    with prepared(model, device) as dev:
-        xd = to_device(x, dev).requires_grad_(True)
+    with prepared(model, device) as run:
+        model = run.module
+        xd = to_device(x, run).requires_grad_(True)
         with Trace(model, name, grads=True) as tr:
             values = scores(model(xd), target)
             if name in tr.outputs and values.requires_grad:
@@ -142,9 +143,10 @@ def last_spatial_layer(model: nn.Module, x: torch.Tensor,
         order.append(name)
         return tuple(t.shape)
 
-    with prepared(model, device) as dev, torch.no_grad():
+    with prepared(model, device) as run, torch.no_grad():
+        model = run.module
         with Trace(model, layer_names(model), record=shape) as tr:
-            model(to_device(x, dev))
+            model(to_device(x, run))
     spatial = [n for n in order if len(tr.outputs[n]) == 4 and tr.outputs[n][2] *
                tr.outputs[n][3] > 1]
     if not spatial:

@@ -68,8 +68,9 @@ def saliency(
     """
     x = batched_input(x)
     target = check_target(target, x.shape[0])
-    with prepared(model, device) as dev:
-        grads, _ = gradient(model, to_device(x, dev), target)
+    with prepared(model, device) as run:
+        model = run.module
+        grads, _ = gradient(model, to_device(x, run), target)
     return (grads.abs() if abs else grads).to(x.device)
 
 
@@ -94,8 +95,9 @@ def grad_x_input(
     """
     x = batched_input(x)
     target = check_target(target, x.shape[0])
-    with prepared(model, device) as dev:
-        xd = to_device(x, dev)
+    with prepared(model, device) as run:
+        model = run.module
+        xd = to_device(x, run)
         grads, _ = gradient(model, xd, target)
     return (grads * xd).to(x.device)
 
@@ -165,8 +167,9 @@ def smoothgrad(
         raise DissectError(
             f"sigma must be a finite fraction >= 0 of the value range, got {sigma!r}"
         )
-    with prepared(model, device) as dev:
-        xd = to_device(x, dev)
+    with prepared(model, device) as run:
+        model, dev = run.module, run.device
+        xd = to_device(x, run)
         flat = xd.reshape(batch, -1)
         spread = flat.amax(1) - flat.amin(1)
         stdev = (float(sigma) * spread).view((batch,) + (1,) * (x.ndim - 1))
@@ -293,8 +296,9 @@ def integrated_gradients(
     target = check_target(target, batch)
     batch_size = optional_positive_int(batch_size, "batch_size")
     step_sizes, alphas = quadrature(method, steps)
-    with prepared(model, device) as dev:
-        xd = to_device(x, dev)
+    with prepared(model, device) as run:
+        model, dev = run.module, run.device
+        xd = to_device(x, run)
         base = as_baseline(baseline, xd)
         diff = xd - base
         total = torch.zeros_like(xd)

@@ -149,8 +149,9 @@ def occlusion(
             slice(i * s, i * s + w) for i, s, w in zip(windows[k], strides, shape, strict=True)
         )
 
-    with prepared(model, device) as dev, torch.inference_mode():
-        xd = to_device(x, dev)
+    with prepared(model, device) as run, torch.inference_mode():
+        model, dev = run.module, run.device
+        xd = to_device(x, run)
         base = as_baseline(baseline, xd)
         f_x = forward_scores(model, xd, target, batch_size)
         drops = torch.empty(len(windows) * batch, dtype=f_x.dtype, device=dev)

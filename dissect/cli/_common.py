@@ -21,6 +21,23 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help=".pth file or torchvision weights enum name")
 
 
+def add_k(p: argparse.ArgumentParser, default: int, what: str) -> None:
+    """``-k``/``--k`` (alias ``--top-k``): how many top images, the library's ``k=``."""
+    p.add_argument("-k", "--k", "--top-k", dest="k", type=positive, default=default,
+                   metavar="K", help=f"{what} ({default})")
+
+
+def positive(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def split_list(text: str) -> list[str]:
     """``"a, b,c"`` -> ``["a", "b", "c"]`` (for ``--layers`` and ``--categories``)."""
     return [s.strip() for s in text.split(",") if s.strip()]

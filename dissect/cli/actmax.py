@@ -20,7 +20,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--units", type=units, default=None,
                    help="channels to visualize, e.g. 0-63 or 3,7,9 (default: all of the layer)")
     p.add_argument("--out", required=True, type=Path,
-                   help="output folder: OUT/<layer>/unit_<k>.png and OUT/<layer>_grid.png")
+                   help="output folder: OUT/<layer>/unit_<k>.png, OUT/<layer>_grid.png and "
+                        "OUT/<layer>.json (use RESULTS/actmax for the report)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (128)")
     p.add_argument("--steps", type=int, default=512, help="optimization steps (512)")
     p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (0.05)")
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     """Visualize units of one layer; write one PNG per unit and a grid."""
     from .. import actmax
     from .._plumbing.device import resolve_device
+    from .._plumbing.paths import safe_name
     from ..hooks import resolve_layers
     from ..models import load_model
 
@@ -62,15 +64,17 @@ def run(args: argparse.Namespace) -> int:
     chosen = args.units
     if chosen is None:
         chosen = list(range(_channels(model, layer, args.size, normalize, dev)))
-    images = actmax.visualize(
+    result = actmax.visualize(
         model, [actmax.channel(layer, u) for u in chosen], size=args.size, steps=args.steps,
         lr=args.lr, param=args.param, decorrelate=not args.no_decorrelate,
         transforms=None if args.transforms == "none" else "standard",
         batch_size=args.batch_size, seed=args.seed, device=dev, progress=not args.quiet,
-        normalize=normalize,
+        normalize=normalize, return_result=True,
     )
-    paths = actmax.save_unit_images(images, args.out, layer, chosen)
-    grid = actmax.save_grid(images, args.out / f"{layer}_grid.png", ncol=args.ncol,
-                            labels=[f"{layer}:{u}" for u in chosen])
-    out(f"wrote {len(paths)} unit images of {layer} to {args.out / layer} and the grid {grid}")
+    paths = result.save_unit_images(args.out)
+    grid = result.save_grid(args.out / f"{safe_name(layer)}_grid.png", ncol=args.ncol)
+    saved = result.to_json(args.out / f"{safe_name(layer)}.json")
+    out(result.summary())
+    out(f"wrote {len(paths)} unit images of {layer} to {args.out}, the grid {grid} and "
+        f"{saved} (the report reads OUT=RESULTS/actmax)")
     return 0

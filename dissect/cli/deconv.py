@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import add_common, add_model_args, out, units
+from ._common import add_common, add_k, add_model_args, out, units
 
 HELP = "deconvnet / guided backprop top-k patches of units, as PNG grids (Zeiler & Fergus)"
 
@@ -19,7 +19,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True,
                    help="synthetic[:N], samples, broden:PATH or a folder of images")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--k", type=int, default=9, help="top images per unit (9)")
+    add_k(p, 9, "top images per unit")
     p.add_argument("--method", default="deconvnet", choices=["deconvnet", "guided", "gradient"],
                    help="projection method (deconvnet)")
     p.add_argument("--store", type=Path, default=None,

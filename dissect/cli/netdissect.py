@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import add_common, add_model_args, out, split_list
+from ._common import add_common, add_k, add_model_args, out, split_list
 from .capture import add_dist_timeout, dist_session
 
 HELP = "Network Dissection: label units with concepts"
@@ -31,7 +31,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--unit-images", type=int, default=64, metavar="N",
                    help="draw the top images of the N best units per layer for the report "
                         "(64; 0: none)")
-    p.add_argument("--top-k", type=int, default=5, help="top images per unit drawn (5)")
+    add_k(p, 5, "top images drawn per unit")
     add_dist_timeout(p)
     add_common(p)
     return p
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                 from ..report import render_unit_images
 
                 render_unit_images(result, store, data, args.out / "units",
-                                   units=args.unit_images, k=args.top_k,
+                                   units=args.unit_images, k=args.k,
                                    progress=not args.quiet)
             out(result.summary())
             out(f"wrote {args.out / 'netdissect.json'} and one CSV per layer in {args.out}; "

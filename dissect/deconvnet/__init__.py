@@ -12,7 +12,7 @@
 
 from ._common import METHODS
 from ._rules import RectifierRules
-from .patches import Patch, TopPatches, top_patches
+from .patches import top_patches
 from .projection import reconstruct
 from .receptive import ReceptiveField, receptive_field
 from .render import (
@@ -21,6 +21,7 @@ from .render import (
     save_patch_grid,
     save_unit_grids,
 )
+from .result import Patch, TopPatches
 
 __all__ = [
     "METHODS",

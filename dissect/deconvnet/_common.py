@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._plumbing.device import as_module
 from ..errors import DissectError
 from ..hooks import StopForward, resolve_layers
 from ..hooks.trace import first_tensor
@@ -26,6 +27,7 @@ def one_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module]:
     """Resolve a single layer name to ``(name, module)`` (closest names on a typo)."""
     if not isinstance(layer, str):
         raise DissectError(f"give one layer name (a str), not {type(layer).__name__}")
+    model = as_module(model)
     (name,) = resolve_layers(model, layer)
     return name, dict(model.named_modules())[name]
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._plumbing.checks import positive_int, unit_list, units_in_range
-from .._plumbing.device import prepared
+from .._plumbing.device import PreparedModel, prepared
 from .._plumbing.items import split_item, stack_inputs
 from .._plumbing.progress import progress_bar
 from ..errors import DataError, DissectError, StoreError
@@ -27,126 +24,11 @@ from ._common import check_method, one_layer
 from ._rules import report_others
 from .projection import argmax_positions, backproject, layer_output, spike_signal
 from .receptive import ReceptiveField, receptive_field
+from .result import Patch, TopPatches
 
 log = logging.getLogger("dissect.deconvnet")
 
 RTOL = 1e-3  # a cropped forward pass must give the unit's value to this relative tolerance
-
-
-@dataclass(frozen=True)
-class Patch:
-    """One of a unit's top images.
-
-    Attributes
-    ----------
-    unit, rank
-        The unit and the image's rank among its top images (0: the strongest).
-    row
-        Position of the image in the dataset (``dataset[row]``).
-    index
-        The item's own ``"index"`` (its dataset index; ``row`` when items have none).
-    value
-        The unit's maximal activation on the image (the top signal's value).
-    position
-        ``(i, j)`` of that maximum in the layer's maps (``()`` for a layer without maps).
-    box
-        The position's receptive field clipped to the image, ``(y0, y1, x0, x1)``.
-    window
-        The input box shown as the patch: the layer's fixed patch shape, holding ``box``.
-    """
-
-    unit: int
-    rank: int
-    row: int
-    index: int
-    value: float
-    position: tuple[int, ...]
-    box: tuple[int, int, int, int]
-    window: tuple[int, int, int, int]
-
-
-class TopPatches:
-    """Top-k images of some units of one layer, with projections (:func:`top_patches`).
-
-    Attributes
-    ----------
-    layer, method, k
-        What was computed (``k`` may be smaller than asked when the dataset is small).
-    units
-        The units, in the order of the first axis of the arrays.
-    field
-        The layer's :class:`ReceptiveField` for the dataset's input size.
-    patches
-        ``patches[n]`` lists unit ``units[n]``'s :class:`Patch` es, strongest first.
-    images
-        ``(U, k, C, h, w)`` the patches of the model inputs (normalized, as the model sees
-        them; ``transform.denormalize`` turns them back into pictures).
-    projections
-        ``(U, k, C, h, w)`` the projections on the same windows (zero outside the field).
-    """
-
-    def __init__(self, layer: str, method: str, units: list[int], field: ReceptiveField,
-                 patches: list[list[Patch]], images: torch.Tensor,
-                 projections: torch.Tensor) -> None:
-        self.layer, self.method, self.units, self.field = layer, method, units, field
-        self.patches, self.images, self.projections = patches, images, projections
-        self.k = images.shape[1]
-
-    def __len__(self) -> int:
-        return len(self.units)
-
-    def __getitem__(self, unit: int) -> list[Patch]:
-        """The patches of ``unit`` (a unit index of the layer, not a position)."""
-        try:
-            return self.patches[self.units.index(unit)]
-        except ValueError:
-            raise DissectError(f"unit {unit} was not computed; units: {self.units}") from None
-
-    def rows(self) -> list[Patch]:
-        """Every patch, unit by unit, strongest first."""
-        return [p for unit_patches in self.patches for p in unit_patches]
-
-    def summary(self) -> str:
-        """A few lines: the layer, its receptive field and each unit's top values."""
-        lines = [f"top-{self.k} {self.method} patches of {len(self.units)} units of "
-                 f"{self.layer}; receptive field {self.field}"]
-        for unit, unit_patches in zip(self.units, self.patches, strict=True):
-            values = ", ".join(f"{p.value:.3g}" for p in unit_patches[:5])
-            more = ", ..." if len(unit_patches) > 5 else ""
-            rows = ", ".join(str(p.row) for p in unit_patches[:5])
-            lines.append(f"  unit {unit:4d}: max {values}{more} (images {rows}{more})")
-        return "\n".join(lines)
-
-    def to_csv(self, path: str | Path) -> Path:
-        """Write one row per patch (unit, rank, row, index, value, position, box, window)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["layer", "unit", "rank", "row", "index", "value", "i", "j",
-                             "box_y0", "box_y1", "box_x0", "box_x1",
-                             "window_y0", "window_y1", "window_x0", "window_x1"])
-            for p in self.rows():
-                pos = list(p.position) + [""] * (2 - len(p.position))
-                writer.writerow([self.layer, p.unit, p.rank, p.row, p.index, repr(p.value),
-                                 *pos[:2], *p.box, *p.window])
-        return path
-
-    def to_json(self, path: str | Path) -> Path:
-        """Write the metadata (no arrays) as JSON."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        doc = {
-            "layer": self.layer, "method": self.method, "k": self.k, "units": self.units,
-            "receptive_field": asdict(self.field),
-            "patches": [asdict(p) for p in self.rows()],
-        }
-        path.write_text(json.dumps(doc, indent=1))
-        return path
-
-    def __repr__(self) -> str:
-        return (f"TopPatches(layer={self.layer!r}, method={self.method!r}, "
-                f"units={len(self.units)}, k={self.k}, patch={tuple(self.images.shape[-2:])})")
 
 
 # --------------------------------------------------------------------------- data
@@ -308,14 +190,12 @@ def _paste(projections: torch.Tensor, p: _Pair, grad: torch.Tensor) -> None:
 
 
 def _store_maxima(store: ActivationStore, name: str, units: list[int], dataset: Any,
-                  model: nn.Module) -> torch.Tensor:
+                  run: PreparedModel) -> torch.Tensor:
     """The store's per-image maxima of ``units`` (rows are dataset positions)."""
     if not isinstance(store, ActivationStore):
         raise DissectError(f"store must be an ActivationStore, not {type(store).__name__}")
-    from ..hooks import fingerprint
-
     saved = store.meta.get("fingerprint")
-    if saved is not None and saved != fingerprint(model):
+    if saved is not None and saved != run.fingerprint:
         raise StoreError(
             f"{store.path} was captured from another model (or other weights) than this one: "
             "capture a store of this model, or pass store=None to scan the dataset")
@@ -416,13 +296,14 @@ def top_patches(
     if n == 0:
         raise DataError("the dataset is empty")
     others: Counter[str] = Counter()
-    with prepared(model, device) as dev:
+    with prepared(model, device) as run:
+        model, dev = run.module, run.device
         if store is None:
             scan = _scan(model, module, name, dataset, range(n), units, batch_size,
                          num_workers, dev, progress, f"maxima {name}")
             values = scan.values
         else:
-            values = _store_maxima(store, name, units, dataset, model)
+            values = _store_maxima(store, name, units, dataset, run)
         k = min(k, len(values))
         order = torch.sort(values, dim=0, descending=True, stable=True).indices[:k]  # (k, U)
         chosen = sorted(set(order.flatten().tolist()))

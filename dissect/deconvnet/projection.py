@@ -243,7 +243,8 @@ def reconstruct(
     chunks = row_chunks(x.shape[0], optional_positive_int(batch_size, "batch_size"))
     others: Counter[str] = Counter()
     result: torch.Tensor | None = None
-    with prepared(model, device) as dev:
+    with prepared(model, device) as run:
+        model, dev = run.module, run.device
         checked: Location | None = None
         bar = progress_bar(len(chunks) * len(units), f"{method} {name}", progress, unit="unit")
         with bar:

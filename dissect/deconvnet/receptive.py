@@ -242,7 +242,8 @@ def receptive_field(
     shape = _shape(input_size)
     name, module = one_layer(model, layer)
     size = (shape[1], shape[2])
-    with prepared(model, device) as dev:
+    with prepared(model, device) as run:
+        model, dev = run.module, run.device
         try:
             (h, w), boxes = _supports(
                 model, module, name, shape, dev,

@@ -1,6 +1,7 @@
 """Hooks: layer addressing, in-memory tracing and streaming capture to HDF5."""
 
-from .capture import capture, fingerprint
+from .._plumbing.fingerprint import fingerprint
+from .capture import capture
 from .layers import layer_names, resolve_layers
 from .trace import StopForward, Trace
 

@@ -1,97 +1,43 @@
-"""Stream the activations of chosen layers over a whole dataset into an HDF5 store."""
+"""Stream the activations of chosen layers over a whole dataset into an HDF5 store.
+
+The data side (a resumable stream of batches) is :mod:`.source`, the background writer
+:mod:`.async_writer`, the reductions before storing :mod:`.pooling`; the file itself is
+:mod:`dissect.store`.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import (
-    BatchSampler,
-    DataLoader,
-    Dataset,
-    IterableDataset,
-    RandomSampler,
-    SequentialSampler,
-    Subset,
-    TensorDataset,
-)
-from tqdm.auto import tqdm
 
-from .._plumbing.device import resolve_device
+from .._plumbing.checks import positive_int
+from .._plumbing.device import PreparedModel, prepare_model
+from .._plumbing.fingerprint import fingerprint
+from .._plumbing.progress import progress_bar
 from ..distributed import DistContext, publish_shards, shard_attr, shard_path
 from ..distributed import resolve as resolve_distributed
 from ..errors import DataError, DissectError, StoreError
 from ..store import DTYPES, ActivationStore, StoreWriter, create_store
+from .async_writer import AsyncWriter
 from .layers import LayerSelector, resolve_layers
+from .pooling import Pool, apply_pool, check_pool
+from .source import BatchSource
 from .trace import Trace
+
+__all__ = ["capture", "fingerprint"]
 
 log = logging.getLogger(__name__)
 
-Pool = None | str | int | tuple[int, int]
 Target = int | Callable[[torch.Tensor], torch.Tensor]
 FP16_MAX = float(np.finfo(np.float16).max)
-
-
-def fingerprint(model: nn.Module) -> str:
-    """Hash a model's architecture and weights (class, names, shapes, dtypes and values).
-
-    Parameters
-    ----------
-    model
-        Any module.
-
-    Returns
-    -------
-    str
-        A hex SHA-256 digest; two models with the same class and state dict share it.
-    """
-    h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        if t.numel():  # hash the tensor's own buffer, no bytes copy
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return h.hexdigest()
-
-
-def _check_pool(pool: Any) -> Pool:
-    if pool is None or pool in ("mean", "max"):
-        return pool
-    if isinstance(pool, int) and not isinstance(pool, bool) and pool > 0:
-        return (pool, pool)
-    if (
-        isinstance(pool, (tuple, list))
-        and len(pool) == 2
-        and all(isinstance(p, int) and p > 0 for p in pool)
-    ):
-        return (int(pool[0]), int(pool[1]))
-    raise DissectError(
-        f"pool must be None, 'mean', 'max', an output size n or (h, w); got {pool!r}"
-    )
-
-
-def _apply_pool(t: torch.Tensor, pool: Pool, name: str) -> torch.Tensor:
-    if pool is None or t.ndim <= 2:
-        return t
-    dims = tuple(range(2, t.ndim))
-    if pool == "mean":
-        return t.mean(dim=dims)
-    if pool == "max":
-        return t.amax(dim=dims)
-    if t.ndim != 4:
-        raise DissectError(f"layer {name!r}: pooling to a size needs (N, C, H, W) outputs, "
-                           f"got shape {tuple(t.shape)}; use pool='mean' or 'max'")
-    return F.adaptive_avg_pool2d(t, pool)
 
 
 def _target_scalar(target: Target, output: torch.Tensor) -> torch.Tensor:
@@ -104,199 +50,18 @@ def _target_scalar(target: Target, output: torch.Tensor) -> torch.Tensor:
     return value.sum()
 
 
-class _Inputs(Dataset):
-    """Wrap a dataset so each item becomes ``(input tensor, dataset index)``."""
+@dataclass
+class _Job:
+    """What one capture writes: the model, the data, the layers and how they are stored."""
 
-    def __init__(self, dataset: Any, start: int, stop: int) -> None:
-        self.dataset, self.start, self.stop = dataset, start, stop
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        pos = self.start + i
-        x, index = _split(self.dataset[pos], pos, batched=False)
-        return x, int(index)
-
-
-def _as_tensor(x: Any, what: str) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(x)
-    raise DataError(
-        f"{what} is a {type(x).__name__}, not a tensor: give the dataset a transform that "
-        "returns a float tensor (e.g. the transform from dissect.models.load_model)"
-    )
-
-
-def _split(item: Any, position: Any, batched: bool) -> tuple[torch.Tensor, Any]:
-    """Extract ``(input, index)`` from a data item or batch."""
-    what = "a batch" if batched else "a data item"
-    index = position
-    if isinstance(item, dict):
-        if "image" not in item:
-            raise DataError(f"{what} is a dict without an 'image' key (keys: {sorted(item)})")
-        x = item["image"]
-        if "index" in item:
-            index = item["index"]
-    elif isinstance(item, (tuple, list)):
-        if not item:
-            raise DataError(f"{what} is an empty {type(item).__name__}")
-        x = item[0]
-    else:
-        x = item
-    return _as_tensor(x, f"the input of {what}"), index
-
-
-def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    shapes = {tuple(x.shape) for x, _ in items}
-    if len(shapes) > 1:
-        raise DataError(
-            f"data items have different shapes {sorted(shapes)}: resize them to one size "
-            "(e.g. set the dataset's transform)"
-        )
-    return torch.stack([x for x, _ in items]), torch.tensor([i for _, i in items])
-
-
-def _loader_rows(loader: DataLoader) -> int:
-    if loader.batch_size is None:
-        return sum(len(b) for b in loader.batch_sampler)
-    if loader.drop_last:
-        return len(loader) * loader.batch_size
-    return len(loader.sampler)
-
-
-def _sequential(loader: DataLoader) -> bool:
-    """True for a loader that reads its dataset in order in batches of ``batch_size``."""
-    return (
-        loader.batch_size is not None
-        and type(loader.batch_sampler) is BatchSampler
-        and type(loader.sampler) is SequentialSampler
-    )
-
-
-def _subset_loader(loader: DataLoader, start: int, stop: int) -> DataLoader:
-    """The same loader over rows ``start:stop`` of its dataset only (a rank's shard)."""
-    extra = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers else {}
-    return DataLoader(
-        Subset(loader.dataset, range(start, stop)),
-        batch_size=loader.batch_size,
-        shuffle=False,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context,
-        generator=loader.generator,
-        persistent_workers=loader.persistent_workers,
-        **extra,
-    )
-
-
-class _Source:
-    """A sized, deterministic stream of ``(inputs, indices)`` batches that can start at a row."""
-
-    def __init__(self, data: Any, batch_size: int, num_workers: int, device: torch.device):
-        if isinstance(data, torch.Tensor):
-            data = TensorDataset(data)
-        self.data, self.batch_size, self.num_workers = data, batch_size, num_workers
-        self.pin = device.type == "cuda"
-        if isinstance(data, DataLoader):
-            if isinstance(data.dataset, IterableDataset):
-                raise DataError("capture needs a sized, map-style dataset, not an IterableDataset")
-            if isinstance(data.sampler, RandomSampler):
-                raise DataError(
-                    "capture needs a deterministic order to be resumable: build the DataLoader "
-                    "with shuffle=False (rows are stored in the loader's order)"
-                )
-            self.n = _loader_rows(data)
-        elif isinstance(data, IterableDataset) or not hasattr(data, "__getitem__"):
-            raise DataError(
-                f"data must be a map-style Dataset, a DataLoader or a tensor, not "
-                f"{type(data).__name__}"
-            )
-        else:
-            try:
-                self.n = len(data)
-            except TypeError as exc:
-                raise DataError("data must have a length (len(dataset))") from exc
-        if self.n == 0:
-            raise DataError("the data source is empty: nothing to capture")
-        self.offset = 0  # first row read (a rank's shard starts later)
-        loader_batch = data.batch_size if isinstance(data, DataLoader) else batch_size
-        self.align = loader_batch or 1  # shards are cut at multiples of this
-
-    def restrict(self, rows: range) -> None:
-        """Read only ``rows``, a contiguous range of the source's rows (one rank's shard)."""
-        self.offset, self.n = rows.start, len(rows)
-
-    def batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        lo, hi = self.offset + start, self.offset + self.n
-        if not isinstance(self.data, DataLoader):
-            loader = DataLoader(
-                _Inputs(self.data, lo, hi),
-                batch_size=self.batch_size,
-                shuffle=False,
-                num_workers=self.num_workers,
-                collate_fn=_collate,
-                pin_memory=self.pin,
-            )
-            yield from loader
-            return
-        data, row = self.data, 0
-        if self.offset and _sequential(data):  # a shard of a plain loader: read only its rows
-            data, row = _subset_loader(data, self.offset, hi), self.offset
-        elif self.offset:
-            log.info("the loader is not sequential: re-reading (not computing) the %d rows "
-                     "before this shard", self.offset)
-        if start:
-            log.info("resuming a DataLoader source: re-reading (not recomputing) %d rows", start)
-        for batch in data:
-            x, index = _split(batch, None, batched=True)
-            b = len(x)
-            index = torch.arange(row, row + b) if index is None else torch.as_tensor(index)
-            if row + b > lo:
-                skip, keep = max(0, lo - row), min(b, hi - row)
-                yield x[skip:keep], index[skip:keep]
-            row += b
-            if row >= hi:
-                break
-
-
-class _AsyncWriter:
-    """Write batches on a background thread so disk I/O overlaps with the next forward pass."""
-
-    def __init__(self, writer: StoreWriter, depth: int = 2) -> None:
-        self.writer = writer
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="dissect-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if self.error is None:
-                try:
-                    self.writer.write(*item)
-                except BaseException as exc:  # re-raised in the caller's thread
-                    self.error = exc
-
-    def put(self, item: tuple) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(item)
-
-    def close(self) -> None:
-        """Drain the queue (every batch handed over is written), then stop."""
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
+    run: PreparedModel
+    source: BatchSource
+    names: list[str]
+    settings: dict[str, Any]
+    pool: Pool
+    grads_for: Target | None
+    progress: bool
+    attrs: dict[str, Any]
 
 
 def _existing(
@@ -335,14 +100,14 @@ def _existing(
 
 
 def capture(
-    model: nn.Module,
+    model: nn.Module | PreparedModel,
     data: Any,
     layers: LayerSelector,
     path: str | Path,
     *,
     batch_size: int = 64,
     dtype: str = "float16",
-    pool: Pool = None,
+    pool: Pool | int = None,
     grads_for: Target | None = None,
     device: str | torch.device | None = None,
     num_workers: int = 0,
@@ -357,12 +122,14 @@ def capture(
     Memory stays bounded by one batch whatever the dataset size: each batch is reduced on the
     device (pooled, cast), handed to a background writer thread (disk writes overlap with the
     next forward pass) and flushed. Without ``grads_for`` the forward pass stops after the last
-    requested layer. The model runs in eval mode (its mode is restored afterwards).
+    requested layer.
 
     Parameters
     ----------
     model
-        The network. It is moved to ``device``.
+        The network, or a :class:`~dissect.PreparedModel`. It runs where it is unless
+        ``device`` says otherwise (see :func:`dissect.prepare_model`), in eval mode (every
+        module's mode is restored afterwards).
     data
         A map-style ``Dataset``, a ``DataLoader`` (``shuffle=False``) or an ``(N, ...)`` tensor.
         Items (or batches) are a tensor, a tuple/list whose first element is the input, or a
@@ -385,7 +152,8 @@ def capture(
         model output returning a tensor to sum. Samples are independent in eval mode, so each
         row is that sample's own gradient. Parameter ``.grad`` fields are left untouched.
     device
-        ``None`` for CUDA when available, else CPU.
+        ``None``: where the model is. Otherwise inputs go there, and a model on one device
+        is moved there (:func:`dissect.prepare_model`).
     num_workers
         DataLoader worker processes when ``data`` is a Dataset.
     progress
@@ -420,64 +188,46 @@ def capture(
     """
     if dtype not in DTYPES:
         raise DissectError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise DissectError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(num_workers, int) or num_workers < 0:
-        raise DissectError(f"num_workers must be a non-negative integer, got {num_workers!r}")
-    pool = _check_pool(pool)
+    positive_int(batch_size, "batch_size")
+    positive_int(num_workers, "num_workers", minimum=0)
+    pool = check_pool(pool)
     if grads_for is not None and not callable(grads_for) and (
         not isinstance(grads_for, int) or isinstance(grads_for, bool)
     ):
         raise DissectError(f"grads_for must be a class index or a callable, got {grads_for!r}")
-    names = resolve_layers(model, layers)
     ctx = resolve_distributed(distributed, device)
-    dev = ctx.device(device) if ctx is not None else resolve_device(device)
+    run = prepare_model(model, ctx.device(device) if ctx is not None else device)
+    names = resolve_layers(run.module, layers)
     path = Path(path)
-    source = _Source(data, batch_size, num_workers, dev)
-    model.to(dev)
+    source = BatchSource(data, batch_size, num_workers, run.device)
     settings = {
-        "fingerprint": fingerprint(model),
+        "fingerprint": run.fingerprint,
         "layers": names,
         "dtype": dtype,
         "pool": list(pool) if isinstance(pool, tuple) else pool,
         "n_samples": source.n,
         "gradients": grads_for is not None,
     }
+    job = _Job(run, source, names, settings, pool, grads_for,
+               progress and (ctx is None or ctx.is_main),
+               {"dataset": dataset} if dataset else {})
     if ctx is not None:
-        return _capture_sharded(ctx, model, source, names, path, settings, pool, grads_for, dev,
-                                progress and ctx.is_main, resume, overwrite, dataset)
+        return _capture_sharded(ctx, job, path, resume, overwrite)
     start = 0
     if path.exists() and not overwrite:
         done, start = _existing(path, settings, resume)
         if done is not None:
             return done
     path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
-    model.eval()
-    try:
-        _run(model, source, names, path, start, settings, pool, grads_for, dev, progress,
-             attrs={"dataset": dataset} if dataset else None)
-    finally:
-        model.train(was_training)
+    with run.evaluating():
+        _write(job, path, start)
     return ActivationStore(path)
 
 
-def _capture_sharded(
-    ctx: DistContext,
-    model: nn.Module,
-    source: _Source,
-    names: list[str],
-    path: Path,
-    settings: dict[str, Any],
-    pool: Pool,
-    grads_for: Target | None,
-    dev: torch.device,
-    progress: bool,
-    resume: bool,
-    overwrite: bool,
-    dataset: str | None = None,
-) -> ActivationStore:
+def _capture_sharded(ctx: DistContext, job: _Job, path: Path, resume: bool,
+                     overwrite: bool) -> ActivationStore:
     """One rank's part of a multi-process capture: its shard, then the published store."""
+    settings = job.settings
     prints = ctx.gather("compare the models of the ranks", settings["fingerprint"])
     differ = [r for r, p in enumerate(prints) if p != prints[0]]
     if differ:
@@ -485,7 +235,7 @@ def _capture_sharded(
             f"ranks {differ} hold another model than rank 0 (the weights' fingerprints differ): "
             "load the same weights on every rank (or seed a random initialization)"
         )
-    n, align = source.n, source.align
+    n, align = job.source.n, job.source.align
 
     def published() -> bool:
         if not path.exists():
@@ -509,25 +259,20 @@ def _capture_sharded(
     error: Exception | None = None
     try:
         if rows:
-            source.restrict(rows)
+            job.source.restrict(rows)
             info = shard_attr(ctx.rank, ctx.world_size, rows)
-            shard_settings = {**settings, "n_samples": len(rows), "shard": info}
+            job.settings = {**settings, "n_samples": len(rows), "shard": info}
+            job.attrs = {"shard": info, **job.attrs}
             start = 0
             done = None
             if shard.exists() and not overwrite:
-                done, start = _existing(shard, shard_settings, resume)
+                done, start = _existing(shard, job.settings, resume)
             if done is not None:
                 done.close()
             else:
                 shard.parent.mkdir(parents=True, exist_ok=True)
-                was_training = model.training
-                model.eval()
-                try:
-                    _run(model, source, names, shard, start, shard_settings, pool, grads_for,
-                         dev, progress,
-                         attrs={"shard": info, **({"dataset": dataset} if dataset else {})})
-                finally:
-                    model.train(was_training)
+                with job.run.evaluating():
+                    _write(job, shard, start)
     except Exception as exc:  # every rank learns of it at the next step
         error = exc
     with ctx.phase("wait for the shards"):
@@ -538,19 +283,28 @@ def _capture_sharded(
     return ActivationStore(path)
 
 
-def _run(
-    model: nn.Module,
-    source: _Source,
-    names: list[str],
-    path: Path,
-    start: int,
-    settings: dict[str, Any],
-    pool: Pool,
-    grads_for: Target | None,
-    dev: torch.device,
-    progress: bool,
-    attrs: dict[str, Any] | None = None,
-) -> None:
+def _forward(job: _Job, x: torch.Tensor, reduce: Callable) -> tuple[Trace, dict | None]:
+    """One batch through the model: the trace of the reduced outputs (and the gradients)."""
+    model, names, pool = job.run.module, job.names, job.pool
+    x = job.run.inputs(x)
+    if job.grads_for is None:
+        with torch.inference_mode(), Trace(model, names, stop=True, record=reduce) as tr:
+            model(x)
+        return tr, None
+    torch_dtype = getattr(torch, job.settings["dtype"])
+    x = x.detach().requires_grad_(True)
+    with torch.inference_mode(False), torch.enable_grad(), \
+            Trace(model, names, grads=True, record=reduce) as tr:
+        target = _target_scalar(job.grads_for, model(x))
+        torch.autograd.grad(target, x)
+    grads = {n: apply_pool(tr.grads[n].detach(), pool, n).to(torch_dtype).cpu().numpy()
+             for n in names}
+    return tr, grads
+
+
+def _write(job: _Job, path: Path, start: int) -> None:
+    """Capture the job's rows from ``start`` on into ``path`` (created at the first batch)."""
+    names, settings, source = job.names, job.settings, job.source
     torch_dtype = getattr(torch, settings["dtype"])
 
     def reduce(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -558,32 +312,19 @@ def _run(
         if t.ndim == 1:
             t = t[:, None]
         maxima = t.amax(dim=tuple(range(2, t.ndim))) if t.ndim > 2 else t
-        act = _apply_pool(t, pool, name).to(torch_dtype, copy=True)
+        act = apply_pool(t, job.pool, name).to(torch_dtype, copy=True)
         return act, maxima.float()
 
     writer: StoreWriter | None = StoreWriter(path) if start else None
-    async_writer = _AsyncWriter(writer) if writer else None
+    async_writer = AsyncWriter(writer) if writer else None
     warned = False
-    bar = tqdm(total=source.n, initial=start, unit="img", disable=not progress,
-               desc=f"capture {path.name}")
+    bar = progress_bar(source.n, f"capture {path.name}", job.progress, unit="img",
+                       initial=start, outer=True)
     t0 = time.perf_counter()
     try:
         row = start
         for x, index in source.batches(start):
-            x = x.to(dev, non_blocking=True)
-            grads = None
-            if grads_for is None:
-                with torch.inference_mode(), Trace(model, names, stop=True, record=reduce) as tr:
-                    model(x)
-            else:
-                x = x.detach().float().requires_grad_(True)
-                with Trace(model, names, grads=True, record=reduce) as tr:
-                    target = _target_scalar(grads_for, model(x))
-                    torch.autograd.grad(target, x)
-                grads = {
-                    n: _apply_pool(tr.grads[n].detach(), pool, n).to(torch_dtype).cpu().numpy()
-                    for n in names
-                }
+            tr, grads = _forward(job, x, reduce)
             missing = [n for n in names if n not in tr.outputs]
             if missing:
                 raise DissectError(
@@ -598,6 +339,7 @@ def _run(
                                 "inf; capture with dtype='float32'", big)
                     warned = True
             if async_writer is None:
+                module = job.run.module
                 create_store(
                     path,
                     n=source.n,
@@ -606,14 +348,14 @@ def _run(
                     pool=settings["pool"],
                     gradients=settings["gradients"],
                     attrs={
-                        "model": f"{type(model).__module__}.{type(model).__qualname__}",
+                        "model": f"{type(module).__module__}.{type(module).__qualname__}",
                         "fingerprint": settings["fingerprint"],
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        **(attrs or {}),
+                        **job.attrs,
                     },
                 )
                 writer = StoreWriter(path)
-                async_writer = _AsyncWriter(writer)
+                async_writer = AsyncWriter(writer)
             for n in names:
                 if acts[n].shape[1:] != writer.row_shapes[n]:
                     raise DataError(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,8 +10,14 @@ from typing import Any
 
 import numpy as np
 
+from .._plumbing.deprecation import renamed_kwargs
+from .._plumbing.paths import safe_name
+from .._plumbing.result_files import read_json, result_path, write_json
 from ..datasets.concepts import Concept
 from ..errors import DissectError
+
+FORMAT = "torch-dissect-netdissect"
+VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -131,38 +136,66 @@ class DissectionResult:
             lines.append(f"{layer:<20} {n:>6} {len(det):>9} {unique:>6}  {cats or '-'}")
         return "\n".join(lines)
 
-    def to_csv(self, directory: str | Path) -> list[Path]:
-        """One CSV per layer with NetDissect's columns.
+    def _csv_rows(self, layer: str) -> list[list[Any]]:
+        per_cat = {c: self.units(layer, c) for c in self.categories}
+        rows = []
+        for u in self.units(layer):
+            row: list[Any] = [u.unit, u.category, u.concept, f"{u.iou:.6f}"]
+            for c in self.categories:
+                best = per_cat[c][u.unit]
+                row += [best.concept, f"{best.iou:.6f}"]
+            rows.append(row)
+        return rows
+
+    @renamed_kwargs(directory="path")
+    def to_csv(self, path: str | Path) -> list[Path]:
+        """Write the best concepts per unit as CSV, with NetDissect's columns.
 
         ``unit, category, label, score`` (the best concept overall), then per category
         ``<cat>-label, <cat>-iou``; units are numbered from 0.
+
+        Parameters
+        ----------
+        path
+            A folder: one ``<layer>.csv`` per layer in it, as NetDissect writes them. Or a
+            file ending in ``.csv``: every layer in it, with a leading ``layer`` column.
+            (``directory=`` is a deprecated alias, for one release.)
+
+        Returns
+        -------
+        list of pathlib.Path
+            The files written.
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for layer in self.layers:
-            per_cat = {c: self.units(layer, c) for c in self.categories}
-            path = directory / f"{layer}.csv"
+        path = Path(path)
+        header = ["unit", "category", "label", "score"] + [
+            f"{c}-{s}" for c in self.categories for s in ("label", "iou")]
+        if path.suffix.lower() == ".csv":
+            path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("w", newline="") as f:
                 w = csv.writer(f)
-                w.writerow(["unit", "category", "label", "score"]
-                           + [f"{c}-{s}" for c in self.categories for s in ("label", "iou")])
-                for u in self.units(layer):
-                    row: list[Any] = [u.unit, u.category, u.concept, f"{u.iou:.6f}"]
-                    for c in self.categories:
-                        best = per_cat[c][u.unit]
-                        row += [best.concept, f"{best.iou:.6f}"]
-                    w.writerow(row)
-            paths.append(path)
+                w.writerow(["layer", *header])
+                for layer in self.layers:
+                    w.writerows([layer, *row] for row in self._csv_rows(layer))
+            return [path]
+        path.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for layer in self.layers:
+            file = path / f"{safe_name(layer)}.csv"
+            with file.open("w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(header)
+                w.writerows(self._csv_rows(layer))
+            paths.append(file)
         return paths
 
     def to_json(self, path: str | Path) -> Path:
-        """Everything (IoU matrices, thresholds, top images, settings) as one JSON file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Everything (IoU matrices, thresholds, top images, settings) as one JSON file.
+
+        ``path`` is the file, or an existing folder to write ``netdissect.json`` in.
+        """
         data = {
-            "format": "torch-dissect-netdissect",
-            "version": 1,
+            "format": FORMAT,
+            "version": VERSION,
             "quantile": self.quantile,
             "iou_threshold": self.iou_threshold,
             "meta": self.meta,
@@ -178,28 +211,26 @@ class DissectionResult:
                 for layer in self.layers
             },
         }
-        path.write_text(json.dumps(data))
-        return path
+        return write_json(result_path(path, "netdissect.json"), data, allow_nan=True)
 
     @classmethod
     def from_json(cls, path: str | Path) -> DissectionResult:
         """Load a result written by :meth:`to_json`."""
+        data = read_json(result_path(path, "netdissect.json"), FORMAT, VERSION,
+                         "dissection result")
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise DissectError(f"cannot read a dissection result from {path}: {exc}") from exc
-        if data.get("format") != "torch-dissect-netdissect":
-            raise DissectError(f"{path} is not a torch-dissect dissection result")
-        layers = list(data["layers"])
-        get = data["layers"]
-        return cls(
-            layers,
-            [Concept(**c) for c in data["concepts"]],
-            data["categories"],
-            {k: np.asarray(get[k]["iou"], dtype=np.float64) for k in layers},
-            {k: np.asarray(get[k]["thresholds"], dtype=np.float32) for k in layers},
-            {k: np.asarray(get[k]["top_images"], dtype=np.int64) for k in layers},
-            quantile=data["quantile"],
-            iou_threshold=data["iou_threshold"],
-            meta=data.get("meta", {}),
-        )
+            layers = list(data["layers"])
+            get = data["layers"]
+            return cls(
+                layers,
+                [Concept(**c) for c in data["concepts"]],
+                data["categories"],
+                {k: np.asarray(get[k]["iou"], dtype=np.float64) for k in layers},
+                {k: np.asarray(get[k]["thresholds"], dtype=np.float32) for k in layers},
+                {k: np.asarray(get[k]["top_images"], dtype=np.int64) for k in layers},
+                quantile=data["quantile"],
+                iou_threshold=data["iou_threshold"],
+                meta=data.get("meta", {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DissectError(f"{path} is a damaged dissection result: {exc!r}") from exc

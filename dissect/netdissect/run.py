@@ -26,9 +26,11 @@ same result as a single process, bit for bit.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +38,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from .._plumbing.device import resolve_device
+from .._plumbing.checks import positive_int
+from .._plumbing.deprecation import renamed_kwargs
+from .._plumbing.device import PreparedModel, prepare_model, resolve_device
+from .._plumbing.progress import progress_bar
+from .._plumbing.store_layers import store_layers
 from ..datasets.concepts import collate
 from ..distributed import DistContext
 from ..distributed import resolve as resolve_distributed
@@ -78,8 +83,9 @@ def _check_dataset(dataset: Any) -> None:
             )
 
 
+@renamed_kwargs(top_k="k")
 def dissect(
-    source: ActivationStore | nn.Module,
+    source: ActivationStore | nn.Module | PreparedModel,
     dataset: Any,
     layers: LayerSelector | None = None,
     *,
@@ -91,7 +97,7 @@ def dissect(
     progress: bool = True,
     num_workers: int = 0,
     store_path: str | Path | None = None,
-    top_k: int = 16,
+    k: int = 16,
     distributed: DistContext | bool | None = None,
 ) -> DissectionResult:
     """Score every unit of the chosen layers against every concept of a concept dataset.
@@ -100,8 +106,11 @@ def dissect(
     ----------
     source
         An :class:`~dissect.ActivationStore` captured over ``dataset`` with ``pool=None``
-        (rows aligned by its ``/index``), or a model: then its activations are captured first
-        into ``store_path`` (a temporary file when ``None``) with the dataset's transform.
+        (rows aligned by its ``/index``), or a model (or :class:`~dissect.PreparedModel`):
+        then its activations are captured first into ``store_path`` with the dataset's
+        transform. Without ``store_path`` that store is temporary: made in the folder
+        ``TMPDIR`` names when the call starts (else the system's), and removed when the call
+        returns or fails.
     dataset
         A concept dataset (``concepts``, ``categories``, items with label planes).
     layers
@@ -115,17 +124,20 @@ def dissect(
     batch_size
         Images per counting step.
     device
-        ``None`` for CUDA when available, else CPU. Counting runs there with
-        :class:`IoUTally`'s default engine: numba's compiled kernel on the CPU, vectorized
-        torch ops elsewhere (the same counts).
+        Where counting runs, with :class:`IoUTally`'s default engine (numba's compiled kernel
+        on the CPU, vectorized torch ops elsewhere: the same counts). ``None``: where the
+        model is, when ``source`` is a model (:func:`dissect.prepare_model`); else CUDA when
+        available, else the CPU.
     progress
         Show progress bars.
     num_workers
         DataLoader workers reading the annotations.
     store_path
-        Where to capture when ``source`` is a model.
-    top_k
-        How many top images per unit to keep (from the store's maxima).
+        Where to capture when ``source`` is a model. That store is kept (a rerun resumes or
+        reuses it), also when the call fails.
+    k
+        How many top images per unit to keep (from the store's maxima). (``top_k=`` is a
+        deprecated alias, for one release.)
     distributed
         Multi-process runs (:mod:`dissect.distributed`): ``None`` detects an initialized
         process group or ``torchrun``'s variables, ``False`` forces one process, or pass a
@@ -142,44 +154,53 @@ def dissect(
     _check_dataset(dataset)
     if not 0 < quantile < 1:
         raise DissectError(f"quantile must be in (0, 1), got {quantile}")
-    if batch_size < 1:
-        raise DissectError(f"batch_size must be >= 1, got {batch_size}")
+    positive_int(batch_size, "batch_size")
+    positive_int(k, "k")
     ctx = resolve_distributed(distributed, device)
-    dev = ctx.device(device) if ctx is not None else resolve_device(device)
-    tmp = None
-    shared_tmp: str | None = None
-    if isinstance(source, nn.Module):
-        if layers is None:
-            raise DissectError("give layers=... when dissecting a model")
-        if store_path is None and ctx is None:
-            tmp = tempfile.TemporaryDirectory(prefix="dissect-")
-            store_path = Path(tmp.name) / "activations.h5"
-        elif store_path is None:
-            shared_tmp = ctx.on_main("make a temporary folder",
-                                     lambda: tempfile.mkdtemp(prefix="dissect-"))
-            store_path = Path(shared_tmp) / "activations.h5"
-        source = capture(source, dataset, layers, store_path, batch_size=batch_size,
-                         device=dev, progress=progress, num_workers=num_workers,
-                         distributed=ctx if ctx is not None else False)
-    if not isinstance(source, ActivationStore):
-        raise DissectError("source must be an ActivationStore or a torch.nn.Module")
-    store = source
-    finished = False
+    if not isinstance(source, (nn.Module, PreparedModel)):
+        if not isinstance(source, ActivationStore):
+            raise DissectError("source must be an ActivationStore or a torch.nn.Module")
+        dev = ctx.device(device) if ctx is not None else resolve_device(device)
+        return _dissect_store(source, dataset, layers, quantile, iou_threshold, categories,
+                              batch_size, dev, progress, num_workers, k, ctx)
+    if layers is None:
+        raise DissectError("give layers=... when dissecting a model")
+    run = prepare_model(source, ctx.device(device) if ctx is not None else device)
+    with _store_for(store_path, ctx) as (path, finished):
+        store = capture(run, dataset, layers, path, batch_size=batch_size,
+                        device=run.device, progress=progress, num_workers=num_workers,
+                        distributed=ctx if ctx is not None else False)
+        with store:
+            result = _dissect_store(store, dataset, layers, quantile, iou_threshold,
+                                    categories, batch_size, run.device, progress, num_workers,
+                                    k, ctx)
+        finished.append(True)
+    return result
+
+
+@contextmanager
+def _store_for(store_path: str | Path | None, ctx: DistContext | None
+               ) -> Iterator[tuple[Path, list[bool]]]:
+    """The path to capture a model into: ``store_path`` (kept), or a temporary folder in
+    ``TMPDIR`` removed on exit, also on errors. Append to the yielded list once the store was
+    read to the end (with several ranks, rank 0 then waits for the others before removing)."""
+    finished: list[bool] = []
+    if store_path is not None:
+        yield Path(store_path), finished
+        return
+    where = os.environ.get("TMPDIR") or None  # read now, not when tempfile first ran
+    if ctx is None:
+        folder = tempfile.mkdtemp(prefix="dissect-", dir=where)
+    else:
+        folder = ctx.on_main("make a temporary folder",
+                             lambda: tempfile.mkdtemp(prefix="dissect-", dir=where))
     try:
-        result = _dissect_store(store, dataset, layers, quantile, iou_threshold, categories,
-                                batch_size, dev, progress, num_workers, top_k, ctx)
-        finished = True
-        return result
+        yield Path(folder) / "activations.h5", finished
     finally:
-        if tmp is not None:
-            store.close()
-            tmp.cleanup()
-        if shared_tmp is not None:
-            store.close()
-            if finished:  # every rank is done reading before rank 0 removes the folder
-                ctx.barrier("remove the temporary store")
-            if ctx.is_main:
-                shutil.rmtree(shared_tmp, ignore_errors=True)
+        if ctx is not None and finished:  # every rank is done reading before rank 0 removes
+            ctx.barrier("remove the temporary store")
+        if ctx is None or ctx.is_main:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _dissect_store(
@@ -193,22 +214,13 @@ def _dissect_store(
     dev: torch.device,
     progress: bool,
     num_workers: int,
-    top_k: int,
+    k: int,
     ctx: DistContext | None = None,
 ) -> DissectionResult:
     if not store.complete:
         raise DissectError(f"{store.path} is an unfinished capture: rerun capture to finish it")
-    if layers is None:
-        names = store.layers
-    elif isinstance(layers, str):
-        names = [layers]
-    elif callable(layers):
-        names = [n for n in store.layers if layers(n)]
-    else:
-        names = list(layers)
+    names = store_layers(store, layers, what="dissect")
     for name in names:
-        if name not in store:
-            raise DissectError(f"layer {name!r} is not in {store.path}; it has {store.layers}")
         if store[name].ndim != 4:
             raise DissectError(
                 f"layer {name!r} is stored as {store[name].shape}: dissection needs spatial maps "
@@ -255,7 +267,7 @@ def _dissect_store(
                         batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     desc = "netdissect " + (", ".join(names) if len(names) <= 3 else f"{len(names)} layers")
     row = rows.start
-    with tqdm(total=len(rows), desc=desc, unit="img", disable=not progress) as bar:
+    with progress_bar(len(rows), desc, progress, unit="img", outer=True) as bar:
         for item in loader:
             b = len(item["annotated"])
             first = tallies[names[0]]  # the torch engine cuts label runs once for all layers
@@ -276,7 +288,7 @@ def _dissect_store(
                 )
         iou[name] = tally.result()
         maxima = store.maxima(name)
-        order = np.argsort(-maxima, axis=0, kind="stable")[: min(top_k, len(maxima))].T
+        order = np.argsort(-maxima, axis=0, kind="stable")[: min(k, len(maxima))].T
         top[name] = index[order]
     meta = {"store": str(store.path), "model": store.meta.get("model"),
             "stored_dtype": str(stored_dtype), "n_images": int(len(index))}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .._plumbing.result_files import read_json, result_path, write_json
 from ..errors import DissectError
 
 FORMAT = "torch-dissect-probes"
@@ -81,11 +81,6 @@ class LayerProbe:
     reg: float
     converged: bool
     iterations: int
-
-
-def _file(path: str | Path, default: str) -> Path:
-    path = Path(path)
-    return path / default if path.is_dir() else path
 
 
 def _nan_to_none(value: Any) -> Any:
@@ -202,7 +197,7 @@ class ProbeResult:
 
         ``path`` is the file, or an existing folder to write ``probes.csv`` in.
         """
-        path = _file(path, "probes.csv")
+        path = result_path(path, "probes.csv")
         path.parent.mkdir(parents=True, exist_ok=True)
         names = [f.name for f in fields(LayerProbe)]
         with path.open("w", newline="") as fh:
@@ -227,8 +222,6 @@ class ProbeResult:
 
         ``path`` is the file, or an existing folder to write ``probes.json`` in.
         """
-        path = _file(path, "probes.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = {
             "format": FORMAT,
             "version": VERSION,
@@ -241,34 +234,28 @@ class ProbeResult:
                 {k: _nan_to_none(v) for k, v in asdict(r).items()} for r in self
             ],
         }
-        path.write_text(json.dumps(data, allow_nan=False))
-        return path
+        return write_json(result_path(path, "probes.json"), data)
 
     @classmethod
     def from_json(cls, path: str | Path) -> ProbeResult:
         """Load a result written by :meth:`to_json`."""
+        data = read_json(result_path(path, "probes.json"), FORMAT, VERSION, "probe result")
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise DissectError(f"cannot read a probe result from {path}: {exc}") from exc
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise DissectError(f"{path} is not a torch-dissect probe result")
-        if data.get("version") != VERSION:
-            raise DissectError(f"{path} is a probe result of version {data.get('version')}; "
-                               f"this release reads version {VERSION}")
-        rows = []
-        for d in data["layers"]:
-            d = dict(d)
-            for k in ("train_accuracy", "test_accuracy", "test_loss", "chance",
-                      "control_train_accuracy", "control_test_accuracy", "selectivity"):
-                d[k] = float("nan") if d[k] is None else float(d[k])
-            d["flag_reasons"] = tuple(d["flag_reasons"])
-            rows.append(LayerProbe(**d))
-        return cls(rows, classes=np.asarray(data["classes"]),
-                   train_index=np.asarray(data["train_index"], dtype=np.int64),
-                   test_index=np.asarray(data["test_index"], dtype=np.int64),
-                   val_index=np.asarray(data.get("val_index", []), dtype=np.int64),
-                   settings=data.get("settings", {}))
+            rows = []
+            for d in data["layers"]:
+                d = dict(d)
+                for k in ("train_accuracy", "test_accuracy", "test_loss", "chance",
+                          "control_train_accuracy", "control_test_accuracy", "selectivity"):
+                    d[k] = float("nan") if d[k] is None else float(d[k])
+                d["flag_reasons"] = tuple(d["flag_reasons"])
+                rows.append(LayerProbe(**d))
+            return cls(rows, classes=np.asarray(data["classes"]),
+                       train_index=np.asarray(data["train_index"], dtype=np.int64),
+                       test_index=np.asarray(data["test_index"], dtype=np.int64),
+                       val_index=np.asarray(data.get("val_index", []), dtype=np.int64),
+                       settings=data.get("settings", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DissectError(f"{path} is a damaged probe result: {exc!r}") from exc
 
     # ------------------------------------------------------------------ figure
 
@@ -291,7 +278,7 @@ class ProbeResult:
             from matplotlib.figure import Figure
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise DissectError("result.plot needs matplotlib: pip install matplotlib") from exc
-        path = _file(path, "probes.png")
+        path = result_path(path, "probes.png")
         path.parent.mkdir(parents=True, exist_ok=True)
         x = np.arange(len(self.layers))
         col = {k: np.array([getattr(r, k) for r in self], dtype=float) for k in (

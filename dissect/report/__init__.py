@@ -10,6 +10,8 @@ anything. Every part is optional; the report shows what is there:
 ``units/<layer>/unit_K.png``    top images with the active region outlined
                                 (:func:`render_unit_images`)
 ``actmax/<layer>/unit_K.png``   activation-maximization images
+``actmax/*.json``               :meth:`ActmaxResult.to_json <dissect.actmax.ActmaxResult.
+                                to_json>` (values reached; images drawn when no PNG is there)
 ``deconv/<layer>/unit_K.png``   deconvnet patches
 ``probes.json``                 :meth:`ProbeResult.to_json <dissect.probes.ProbeResult.to_json>`
 ``attribution/attribution.json``  photographs and their attribution overlays
@@ -29,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .._plumbing.images import write_png
 from .._plumbing.paths import unit_image_path
 from ..errors import DissectError
 from . import pages
@@ -58,8 +61,29 @@ def _copy(src: Path, report: Path, rel: str) -> str:
     return rel
 
 
-def _unit_images(results: Path, report: Path, layer: str) -> dict[int, dict[str, str]]:
+def _load_actmax(results: Path) -> list[Any]:
+    """Every activation-maximization result saved in ``results/actmax/*.json``."""
+    from ..actmax import ActmaxResult
+
+    return [ActmaxResult.from_json(p) for p in sorted((results / "actmax").glob("*.json"))]
+
+
+def _unit_images(results: Path, report: Path, layer: str,
+                 actmax: list[Any]) -> dict[int, dict[str, str]]:
+    """Per unit of ``layer``: the report-relative paths of its images by kind (and
+    ``"actmax_value"``, the objective its activation-maximization image reached)."""
     images: dict[int, dict[str, str]] = {}
+    for found in actmax:  # images saved inside results, drawn here when no PNG was written
+        for owner, tile, value in zip(found.units, found.images, found.values, strict=True):
+            if owner is None or owner[0] != layer:
+                continue
+            unit = owner[1]
+            entry = images.setdefault(unit, {})
+            rel = f"img/actmax/{pages.slug(layer)}/unit_{unit:04d}.png"
+            if not unit_image_path(results / "actmax", layer, unit).exists():
+                write_png(report / rel, tile)
+                entry["actmax"] = rel
+            entry["actmax_value"] = f"{value:.3g}"
     for kind, folder in UNIT_IMAGE_KINDS.items():
         for src in sorted(unit_image_path(results / folder, layer, 0).parent.glob("unit_*.png")):
             try:
@@ -123,6 +147,7 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
 
         result = DissectionResult.from_json(results / "netdissect.json")
     probes = _load_probes(results)
+    actmax = _load_actmax(results)
     attribution_file = results / "attribution" / "attribution.json"
     attributions = _read_json(attribution_file) if attribution_file.exists() else []
     if result is None and probes is None and not attributions:
@@ -160,7 +185,7 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
         for layer in result.layers:
             chart = concept_bar_chart(result, layer,
                                       report / "figures" / f"concepts-{pages.slug(layer)}.png")
-            html = pages.layer_body(result, layer, _unit_images(results, report, layer),
+            html = pages.layer_body(result, layer, _unit_images(results, report, layer, actmax),
                                     str(chart.relative_to(report)), deconv_caption)
             (report / pages.layer_page_name(layer)).write_text(
                 pages.page(f"{layer}: units", html, nav, script=True))

@@ -96,8 +96,11 @@ def unit_card(unit: Any, images: dict[str, str], color: str,
     if "top" in images:
         parts.append(f'<img src="{esc(images["top"])}" loading="lazy" '
                      f'alt="top images of unit {unit.unit}">')
-    extra = [(k, t) for k, t in (("actmax", "activation maximization"),
-                                 ("deconv", deconv_caption)) if k in images]
+    actmax = "activation maximization"
+    if "actmax_value" in images:
+        actmax += f" (reaches {images['actmax_value']})"
+    extra = [(k, t) for k, t in (("actmax", actmax), ("deconv", deconv_caption))
+             if k in images]
     if extra:
         parts.append('<div class="extra">' + "".join(
             f'<figure><img src="{esc(images[k])}" loading="lazy" alt="{esc(t)} of unit '

@@ -1,73 +1,29 @@
-"""Multi-process runs with ``torch.distributed`` (launched by ``torchrun``): one process per GPU.
+"""The process group of a multi-process run and its synchronization points.
 
-How a run is split
-------------------
-``capture`` and ``netdissect.dissect`` look for an initialized process group, or for the
-``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` variables that ``torchrun`` sets (then they join the
-group themselves: NCCL when the run uses CUDA, each rank on ``cuda:LOCAL_RANK``; gloo on CPU).
-Without either, nothing changes: one process, as before.
-
-- **Sharding.** The dataset's rows are cut into contiguous blocks of whole batches
-  (:func:`shard_range`): rank ``r`` gets the ``r``-th block, the first ranks one batch more when
-  the batches do not divide evenly, so the shards concatenate in dataset order and every batch
-  is a batch the single-process run would have used (same inputs per forward pass, hence the
-  same numbers on deterministic kernels).
-- **Shards and the published store.** Rank ``r`` of ``W`` writes an ordinary, resumable store
-  ``<path>.shards/rank{r:05d}-of-{W:05d}.h5`` next to ``<path>`` (the folder name keeps the full
-  file name, so ``a.h5`` and ``a.hdf5`` never share one). Once every rank is done, rank 0
-  publishes ``<path>`` as an HDF5 *virtual* store (:func:`publish_shards`): every dataset is a
-  virtual dataset mapping the shards' rows in order, with the shards named by paths relative to
-  ``<path>``'s folder, so the folder can be moved or copied as a whole. Publishing writes only
-  metadata (milliseconds whatever the size) and needs no second copy of terabytes of
-  activations; :func:`consolidate` makes a standalone single file when one is wanted. A virtual
-  dataset whose source file is missing would read as zeros, so
-  :class:`~dissect.store.ActivationStore` refuses a published store whose shards are gone.
-- **Resume** works per shard: a rerun with the same world size continues each rank's shard
-  where it stopped and then publishes; complete shards are not recomputed.
-- **Exact merging** (:mod:`dissect.netdissect`): thresholds come from each rank's own exact
-  top values merged by counting all-reduces (:func:`dissect.stats.exact_quantiles`), IoU counts
-  are int64 tensors summed with ``all_reduce``; every rank returns the single-process result.
-- **Failures.** Every synchronization point is a gloo ``monitored_barrier`` (on a gloo group of
-  its own when the data backend is NCCL, also right before each NCCL collective) with a timeout
-  (default 30 minutes); at the end of a capture the ranks also exchange their outcomes, so an
-  error on one rank is raised on every rank, naming it. A rank that died or hangs makes the
-  others raise :class:`DistributedError` (at once when its connection closes, at the latest
-  after the timeout) instead of waiting forever.
-
-All ranks must see one filesystem at ``<path>`` (one machine, or NFS/Lustre across nodes):
-rank 0 reads every shard when it publishes.
+:class:`DistContext` wraps it; :func:`setup` joins or adopts it.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
-import h5py
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._plumbing.device import resolve_device
-from .errors import DissectError, StoreError
-from .store import ActivationStore, StoreWriter, create_store
+from .._plumbing.device import resolve_device
+from ..errors import DissectError
+from .shards import shard_range
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dissect.distributed")
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
-SHARD_SUFFIX = ".shards"
-_SHARD_NAME = re.compile(r"rank(\d{5})-of-(\d{5})\.h5(\.creating)?")
-# root attributes a published store takes from the shards unchanged
-_PER_SHARD_ATTRS = ("shard",)
 
 T = TypeVar("T")
 
@@ -88,64 +44,6 @@ def _timedelta(timeout: datetime.timedelta | float | None) -> datetime.timedelta
     if value.total_seconds() <= 0:
         raise DissectError(f"timeout must be positive, got {value}")
     return value
-
-
-def shard_range(n: int, world_size: int, rank: int, align: int = 1) -> range:
-    """The contiguous rows ``rank`` handles when ``n`` rows are split over ``world_size`` ranks.
-
-    Rows are grouped into blocks of ``align`` (the batch size) and the blocks are dealt out in
-    order, the first ``blocks % world_size`` ranks taking one block more, so the ranges of ranks
-    ``0 .. world_size - 1`` concatenate to ``range(n)`` and only the last non-empty one can end
-    with a short block. Ranks beyond the number of blocks get an empty range.
-
-    Parameters
-    ----------
-    n
-        Number of rows.
-    world_size
-        Number of ranks.
-    rank
-        This rank, ``0 <= rank < world_size``.
-    align
-        Block size: every range but the last non-empty one is a multiple of it.
-
-    Returns
-    -------
-    range
-        ``range(start, stop)`` with step 1.
-
-    Examples
-    --------
-    >>> [list(shard_range(10, 3, r)) for r in range(3)]
-    [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    >>> [shard_range(10, 3, r, align=4) for r in range(3)]
-    [range(0, 4), range(4, 8), range(8, 10)]
-    """
-    if n < 0 or world_size < 1 or not 0 <= rank < world_size or align < 1:
-        raise DissectError(
-            f"bad sharding: n={n}, world_size={world_size}, rank={rank}, align={align}"
-        )
-    blocks = -(-n // align)
-    base, extra = divmod(blocks, world_size)
-    first = rank * base + min(rank, extra)
-    last = first + base + (1 if rank < extra else 0)
-    return range(min(n, first * align), min(n, last * align))
-
-
-def shard_dir(path: str | Path) -> Path:
-    """The folder holding the shards of the store published at ``path``."""
-    path = Path(path)
-    return path.with_name(path.name + SHARD_SUFFIX)
-
-
-def shard_path(path: str | Path, rank: int, world_size: int) -> Path:
-    """Where rank ``rank`` of ``world_size`` writes its shard of the store at ``path``."""
-    return shard_dir(path) / f"rank{rank:05d}-of-{world_size:05d}.h5"
-
-
-def shard_attr(rank: int, world_size: int, rows: range) -> str:
-    """The ``shard`` root attribute of a shard file (JSON: rank, world size, dataset rows)."""
-    return json.dumps({"rank": rank, "world_size": world_size, "rows": [rows.start, rows.stop]})
 
 
 @dataclass
@@ -328,7 +226,8 @@ class DistContext:
     def close(self) -> None:
         """Destroy the process group if :func:`setup` created it (idempotent)."""
         if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            dist.destroy_process_group()  # every group, the cached gloo group too
+            _CONTROL.clear()
         self.owns_group = False
 
     def __enter__(self) -> DistContext:
@@ -358,13 +257,32 @@ def _wrap(timeout: datetime.timedelta, owns: bool) -> DistContext:
         local = int(os.environ["LOCAL_RANK"])
     else:
         local = rank % max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 0
-    control = None
-    if backend != "gloo":  # barriers with timeouts and object exchange need gloo
+    control = _control_group(timeout) if backend != "gloo" else None
+    return DistContext(rank, world, local, backend, timeout, owns, control)
+
+
+# The gloo group of the current default process group, made once per process. Process groups
+# are process-wide by nature (torch.distributed keeps the default one globally); making a new
+# gloo group at every call would open new connections each time.
+_CONTROL: dict[str, Any] = {}
+
+
+def _control_group(timeout: datetime.timedelta) -> Any:
+    """The gloo group for barriers with timeouts and object exchange next to an NCCL default
+    group: created on first use by every rank (``new_group`` is collective), then reused
+    until the default group is destroyed and a new one initialized.
+
+    Its collectives keep the timeout of the call that created it; barriers pass their own.
+    """
+    world = dist.group.WORLD
+    if _CONTROL.get("world") is not world:
+        rank = dist.get_rank()
         try:
-            control = dist.new_group(backend="gloo", timeout=timeout)
+            group = dist.new_group(backend="gloo", timeout=timeout)
         except RuntimeError as exc:
             raise DistributedError(f"rank {rank}: creating a gloo group failed: {exc}") from exc
-    return DistContext(rank, world, local, backend, timeout, owns, control)
+        _CONTROL.update(world=world, group=group)
+    return _CONTROL["group"]
 
 
 def setup(
@@ -465,159 +383,3 @@ def session(
     finally:
         if ctx is not None:
             ctx.close()
-
-
-# --------------------------------------------------------------------------- shard stores
-
-
-def _open_shard(path: Path, expected: str) -> h5py.File:
-    if not path.is_file():
-        raise StoreError(
-            f"shard {path} is missing on rank 0: every rank must write to one filesystem "
-            "(a shared NFS/Lustre folder across nodes)"
-        )
-    f = ActivationStore._open(path)
-    if not bool(f.attrs["complete"]) or f.attrs.get("shard") != expected:
-        got = f.attrs.get("shard")
-        f.close()
-        raise StoreError(f"shard {path} is unfinished or of another layout ({got}, not {expected})")
-    return f
-
-
-def publish_shards(path: str | Path, world_size: int, n: int, align: int = 1) -> Path:
-    """Publish the shards of ``world_size`` ranks as one virtual store at ``path`` (atomically).
-
-    Every dataset (activations, gradients, maxima, index) of the published file is an HDF5
-    virtual dataset whose rows ``shard_range(n, world_size, r, align)`` map shard ``r``'s
-    rows, named relative to ``path``'s folder. Root attributes are the shards' (fingerprint,
-    model, settings) with ``n_samples = n``, ``complete = True`` and ``shards`` (the JSON list
-    of relative shard paths). Shard files of another world size in the shard folder (leftovers
-    of an earlier run) are removed.
-
-    Parameters
-    ----------
-    path
-        Where to publish.
-    world_size, n, align
-        The layout the shards were written with.
-
-    Returns
-    -------
-    pathlib.Path
-        ``path``.
-
-    Raises
-    ------
-    StoreError
-        If a shard is missing, unfinished, or disagrees with the others in shape or dtype.
-    """
-    path = Path(path)
-    ranges = [shard_range(n, world_size, r, align) for r in range(world_size)]
-    shards = [(shard_path(path, r, world_size), rows) for r, rows in enumerate(ranges) if rows]
-    files = []
-    try:
-        for r, (p, rows) in enumerate(shards):
-            files.append(_open_shard(p, shard_attr(r, world_size, rows)))
-        first = files[0]
-        layers = json.loads(first.attrs["layers"])
-        groups = ["activations", "maxima"] + (["gradients"] if "gradients" in first else [])
-        names = [f"{g}/{layer}" for g in groups for layer in layers] + ["index"]
-        for (p, _), f in zip(shards, files, strict=True):
-            for name in names:
-                a, b = first[name], f[name] if name in f else None
-                if b is None or a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
-                    got = "missing" if b is None else f"{b.shape[1:]} {b.dtype}"
-                    raise StoreError(
-                        f"{p}: {name} is {got} but {shards[0][0].name} has "
-                        f"{a.shape[1:]} {a.dtype}: inputs must have one size on every rank"
-                    )
-        rel = [f"{shard_dir(path).name}/{p.name}" for p, _ in shards]
-        tmp = path.with_name(path.name + ".creating")
-        with h5py.File(tmp, "w") as out:
-            attrs = {k: v for k, v in first.attrs.items() if k not in _PER_SHARD_ATTRS}
-            out.attrs.update(attrs)
-            out.attrs.update({"n_samples": n, "complete": True, "shards": json.dumps(rel)})
-            for name in names:
-                src = first[name]
-                layout = h5py.VirtualLayout(shape=(n, *src.shape[1:]), dtype=src.dtype)
-                for (_, rows), relpath in zip(shards, rel, strict=True):
-                    shape = (len(rows), *src.shape[1:])
-                    layout[rows.start : rows.stop] = h5py.VirtualSource(
-                        relpath, name, shape=shape, dtype=src.dtype
-                    )
-                group, _, leaf = name.rpartition("/")
-                parent = out.require_group(group) if group else out
-                ds = parent.create_virtual_dataset(leaf, layout)
-                ds.attrs.update(dict(src.attrs))
-            out.create_dataset("progress", data=np.int64(n))
-        os.replace(tmp, path)
-    finally:
-        for f in files:
-            f.close()
-    keep = {p.name for p, _ in shards}
-    for stale in shard_dir(path).iterdir():
-        if _SHARD_NAME.fullmatch(stale.name) and stale.name not in keep:
-            log.info("removing %s (a shard of an earlier run with another layout)", stale)
-            stale.unlink(missing_ok=True)
-    log.info("published %s: %d rows from %d shards", path, n, len(shards))
-    return path
-
-
-def consolidate(
-    src: str | Path, dest: str | Path, *, batch_rows: int = 1024, overwrite: bool = False
-) -> ActivationStore:
-    """Copy a store (for instance a published virtual store) into one standalone HDF5 file.
-
-    Parameters
-    ----------
-    src
-        A complete store.
-    dest
-        The new file (written atomically: under a temporary name until complete).
-    batch_rows
-        Rows copied at a time (memory is bounded by them).
-    overwrite
-        Replace an existing ``dest``.
-
-    Returns
-    -------
-    ActivationStore
-        The copy, open for reading; it reads exactly like ``src``.
-    """
-    src, dest = Path(src), Path(dest)
-    if dest.exists() and not overwrite:
-        raise StoreError(f"{dest} exists; pass overwrite=True to replace it")
-    if dest.resolve() == src.resolve():
-        raise StoreError("consolidate needs a destination other than the source")
-    with ActivationStore(src) as store:
-        if not store.complete:
-            raise StoreError(f"{src} is unfinished: finish the capture before consolidating")
-        meta = store.meta
-        reserved = {"format", "version", "n_samples", "complete", "layers", "dtype", "pool",
-                    "gradients", "shards"}
-        grads = bool(meta.get("gradients"))
-        n = store.n_samples
-        index = store.index
-        tmp = dest.with_name(dest.name + ".copying")
-        create_store(
-            tmp,
-            n=n,
-            layers={name: tuple(store[name].shape[1:]) for name in store.layers},
-            dtype=meta["dtype"],
-            pool=meta["pool"],
-            attrs={k: v for k, v in meta.items() if k not in reserved},
-            gradients=grads,
-        )
-        with StoreWriter(tmp) as writer:
-            for start in range(0, n, batch_rows):
-                stop = min(n, start + batch_rows)
-                acts = {name: store[name][start:stop] for name in store.layers}
-                maxima = {name: store._layer("maxima", name)[start:stop] for name in store.layers}
-                gradients = (
-                    {name: store.gradients(name)[start:stop] for name in store.layers}
-                    if grads else None
-                )
-                writer.write(start, index[start:stop], acts, maxima, gradients)
-            writer.finish()
-    os.replace(tmp, dest)
-    return ActivationStore(dest)
