@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ._plumbing.deprecation import renamed_kwargs
 from ._plumbing.device import prepare_model, resolve_device
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,9 @@ class _Steps:
         return value
 
 
+@renamed_kwargs(out="out_dir")
 def run_demo(
-    out: str | Path,
+    out_dir: str | Path,
     *,
     fast: bool = False,
     device: str | torch.device | None = None,
@@ -98,8 +100,9 @@ def run_demo(
 
     Parameters
     ----------
-    out
-        Results folder (created). ``out/report/index.html`` is written at the end.
+    out_dir
+        Results folder (created). ``out_dir/report/index.html`` is written at the end.
+        (``out=`` is a deprecated alias, for one release.)
     fast
         A smaller run (:meth:`DemoSettings.fast`).
     device, batch_size, num_workers, progress
@@ -108,8 +111,9 @@ def run_demo(
     Returns
     -------
     dict
-        What was written to ``out/run.json``: the settings, the photographs' predictions, the
-        seconds each step took, and ``"report"``, the path of the report's index page.
+        What was written to ``out_dir/run.json``: the settings, the photographs'
+        predictions, the seconds each step took, and ``"report"``, the path of the report's
+        index page.
     """
     from .datasets import SampleImages, SyntheticConcepts
     from .hooks import capture
@@ -118,7 +122,7 @@ def run_demo(
     from .report import render_unit_images, write_report
 
     settings = DemoSettings.fast() if fast else DemoSettings.full()
-    out = Path(out)
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = _Steps()
     model, transform = load_model("mobilenet_v2-imagenet")

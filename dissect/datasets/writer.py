@@ -12,8 +12,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from .._plumbing.deprecation import renamed_kwargs
+from .._plumbing.progress import progress_bar
 from ..errors import DataError
 from .broden import INDEX_COLUMNS, encode_label_png
 from .concepts import ConceptDataset, concept_lookup, item_categories
@@ -120,9 +121,10 @@ def _write_item(
             *(";".join(cells[c]) for c in categories)]
 
 
+@renamed_kwargs(root="out_dir")
 def write_broden(
     ds: ConceptDataset,
-    root: str | Path,
+    out_dir: str | Path,
     *,
     image_format: str = "png",
     split: str = "train",
@@ -139,7 +141,7 @@ def write_broden(
     images, 1 per image for image-level labels) are computed from the data, as NetDissect's
     joiner does. ``index.csv`` is written last, so an interrupted run never looks complete.
 
-    ``Broden(write_broden(ds, root))`` has the same categories, concepts, pixel labels, image
+    ``Broden(write_broden(ds, out_dir))`` has the same categories, concepts, pixel labels, image
     labels and annotated flags as ``ds`` (images too, unless JPEG is asked for). A concept's
     primary category survives when its coverage in that category is the largest of its
     categories (always so for a concept labelled in one category only); a warning names any
@@ -150,8 +152,9 @@ def write_broden(
     ds
         Any concept dataset. Its ``transform`` is ignored (a shallow copy with
         ``transform = None`` is read), so images are written as RGB.
-    root
-        Output folder (created if needed).
+    out_dir
+        Output folder (created if needed): the dataset's root. (``root=`` is a deprecated
+        alias, for one release.)
     image_format
         ``"png"`` (lossless, default) or ``"jpg"``.
     split
@@ -167,19 +170,19 @@ def write_broden(
     Returns
     -------
     pathlib.Path
-        ``root``.
+        ``out_dir``, the root to pass to :class:`Broden`.
 
     Raises
     ------
     DataError
-        For an unsupported format, an existing dataset at ``root`` (without ``overwrite``), or an
+        For an unsupported format, an existing dataset at ``out_dir`` (without ``overwrite``), or an
         item whose data do not fit the ConceptDataset contract (unknown label numbers, numbers
         above 65535, images outside [0, 1]).
     """
     fmt = IMAGE_FORMATS.get(image_format.lower().lstrip("."))
     if fmt is None:
         raise DataError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
-    root = Path(root).expanduser()
+    root = Path(out_dir).expanduser()
     if (root / "index.csv").exists() and not overwrite:
         raise DataError(
             f"{root} already holds a Broden index.csv; pass overwrite=True to replace it"
@@ -215,7 +218,8 @@ def write_broden(
         with open(index_tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow([*INDEX_COLUMNS, *categories])
-            for i in tqdm(range(len(ds)), desc="write_broden", disable=not progress):
+            for i in progress_bar(desc="write_broden", enabled=progress, unit="img",
+                                  iterable=range(len(ds)), outer=True):
                 row = _write_item(source, i, root, f"{name}/{i:06d}", fmt, params, lookup, tally)
                 row[1] = splits[i] if splits is not None else split
                 writer.writerow(row)

@@ -16,6 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .._plumbing.deprecation import renamed_kwargs
 from ..errors import DissectError, StoreError
 from ..store import ActivationStore, StoreWriter, create_store
 
@@ -178,8 +179,9 @@ def publish_shards(path: str | Path, world_size: int, n: int, align: int = 1) ->
     return path
 
 
+@renamed_kwargs(dest="path")
 def consolidate(
-    src: str | Path, dest: str | Path, *, batch_rows: int = 1024, overwrite: bool = False
+    src: str | Path, path: str | Path, *, batch_rows: int = 1024, overwrite: bool = False
 ) -> ActivationStore:
     """Copy a store (for instance a published virtual store) into one standalone HDF5 file.
 
@@ -187,19 +189,20 @@ def consolidate(
     ----------
     src
         A complete store.
-    dest
+    path
         The new file (written atomically: under a temporary name until complete).
+        (``dest=`` is a deprecated alias, for one release.)
     batch_rows
         Rows copied at a time (memory is bounded by them).
     overwrite
-        Replace an existing ``dest``.
+        Replace an existing ``path``.
 
     Returns
     -------
     ActivationStore
         The copy, open for reading; it reads exactly like ``src``.
     """
-    src, dest = Path(src), Path(dest)
+    src, dest = Path(src), Path(path)
     if dest.exists() and not overwrite:
         raise StoreError(f"{dest} exists; pass overwrite=True to replace it")
     if dest.resolve() == src.resolve():

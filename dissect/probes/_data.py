@@ -9,7 +9,6 @@ so that every subset the fit needs is a leading or trailing range of rows.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -19,9 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ..errors import DataError, DissectError, LayerNotFoundError
+from .._plumbing.progress import progress_bar
+from ..errors import DataError, DissectError
 from ..store import ActivationStore
 from ._fit import Block
 
@@ -107,25 +106,6 @@ def resolve_labels(store: ActivationStore, labels: Any) -> np.ndarray:
         raise DataError(f"the labels hold a single class ({arr[0] if len(arr) else 'none'}): "
                         "a probe needs at least two")
     return arr
-
-
-def resolve_layers(store: ActivationStore, layers: str | Sequence[str] | None) -> list[str]:
-    """The layers to probe, checked against the store (unknown names list close ones)."""
-    have = store.layers
-    if layers is None:
-        return list(have)
-    names = [layers] if isinstance(layers, str) else list(layers)
-    if not names:
-        raise DissectError("no layers to probe: pass layer names, or None for all")
-    for name in names:
-        if name not in have:
-            close = difflib.get_close_matches(str(name), have, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise LayerNotFoundError(
-                f"layer {name!r} is not in {store.path} (it holds {', '.join(have)}){hint}")
-    if len(set(names)) != len(names):
-        raise DissectError(f"layers are repeated: {names}")
-    return names
 
 
 # --------------------------------------------------------------------------- splits
@@ -307,7 +287,7 @@ def build_layer(
     raw: np.ndarray | None = None
     if n * d_in * 4 <= budget:
         raw = np.empty((n, d_in), dtype=np.float32)
-    bar = tqdm(total=n, desc=f"read {plan.name}", unit="row", disable=not progress, leave=False)
+    bar = progress_bar(n, f"read {plan.name}", progress, unit="row")
 
     def passes(first: bool) -> Iterator[tuple[np.ndarray | slice, np.ndarray]]:
         if raw is not None and not first:

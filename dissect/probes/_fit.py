@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from .._plumbing.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +347,7 @@ class BatchedSoftmax:
         stored = 0
         gamma = torch.ones(self.n_layers, n_var, dtype=torch.float64, device=dev)
         f_new, g_new, curv_new = f.clone(), g.clone(), curv.clone()
-        bar = tqdm(total=max_iter, desc=desc, unit="it", disable=not progress, leave=False)
+        bar = progress_bar(max_iter, desc, progress, unit="it")
         try:
             for _ in range(max_iter):
                 if not bool(active.any()):

@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .._plumbing.device import resolve_device
+from .._plumbing.progress import progress_bar
+from .._plumbing.store_layers import store_layers
 from ..errors import DissectError
 from ..store import ActivationStore
 from ._data import (
@@ -23,7 +24,6 @@ from ._data import (
     make_blocks,
     plan_layer,
     resolve_labels,
-    resolve_layers,
     stratified_split,
 )
 from ._fit import BatchedSoftmax, FitInfo
@@ -281,7 +281,7 @@ def _probe(
     opts: ProbeOptions,
 ) -> ProbeResult:
     t0 = time.perf_counter()
-    names = resolve_layers(store, layers)
+    names = store_layers(store, layers, what="probe")
     raw = resolve_labels(store, labels)
     n = len(raw)
     classes, y = np.unique(raw, return_inverse=True)
@@ -310,7 +310,8 @@ def _probe(
         blocks, writers, used = make_blocks(
             plans, n, budget=opts.memory_budget, itemsize=itemsize, read_bytes=opts.read_bytes,
             device=dev, dtype=dtype, tmpdir=Path(tmp))
-        for plan in tqdm(plans, desc="probe features", unit="layer", disable=not progress):
+        for plan in progress_bar(desc="probe features", enabled=progress, unit="layer",
+                                 iterable=plans, outer=True):
             rp_seed = int(np.random.SeedSequence([seed, 3, plan.position]).generate_state(1)[0])
             build_layer(store, plan, pool, n=n, position=position, n_train=n_train,
                         writer=writers[plan.position], budget=opts.memory_budget - used,

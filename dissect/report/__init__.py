@@ -31,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .._plumbing.deprecation import renamed_kwargs
 from .._plumbing.images import write_png
 from .._plumbing.paths import unit_image_path
 from ..errors import DissectError
@@ -115,7 +116,8 @@ def _overview(run: dict[str, Any], result: Any) -> str:
     return pages.table(["", ""], rows)
 
 
-def write_report(results: str | Path, out: str | Path | None = None) -> Path:
+@renamed_kwargs(out="out_dir")
+def write_report(results: str | Path, out_dir: str | Path | None = None) -> Path:
     """Render the report of a results folder.
 
     Parameters
@@ -123,8 +125,9 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
     results
         A folder written by ``dissect demo``, ``dissect netdissect`` (and friends): see the
         module documentation for the files it may hold.
-    out
-        Where to write the site (default ``results/report``).
+    out_dir
+        Where to write the site (default ``results/report``). (``out=`` is a deprecated alias,
+        for one release.)
 
     Returns
     -------
@@ -139,7 +142,7 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
     results = Path(results)
     if not results.is_dir():
         raise DissectError(f"results folder {results} does not exist")
-    report = Path(out) if out is not None else results / "report"
+    report = Path(out_dir) if out_dir is not None else results / "report"
     run = _read_json(results / "run.json") if (results / "run.json").exists() else {}
     result = None
     if (results / "netdissect.json").exists():
