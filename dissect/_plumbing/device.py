@@ -81,7 +81,8 @@ def model_device(model: nn.Module) -> torch.device | None:
     return devices[0] if devices else None
 
 
-def _floating_dtype(model: nn.Module) -> torch.dtype | None:
+def floating_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype of a model's parameters (``None``: none, or several)."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     return dtypes.pop() if len(dtypes) == 1 else None
 
@@ -191,7 +192,7 @@ def prepare_model(model: nn.Module | PreparedModel, device: Device = None) -> Pr
     if len(devices) > 1:
         log.debug("the model is spread over %s: it stays there", devices)
         where = asked if asked is not None else devices[0]
-        return PreparedModel(module, where, _floating_dtype(module), spread=True)
+        return PreparedModel(module, where, floating_dtype(module), spread=True)
     if not devices:  # no parameters or buffers: run where asked, else the default device
         return PreparedModel(module, asked or resolve_device(None), None)
     here = devices[0]
@@ -202,7 +203,7 @@ def prepare_model(model: nn.Module | PreparedModel, device: Device = None) -> Pr
     elif asked is None and here.type == "cpu" and torch.cuda.is_available():
         log.info("the model is on the CPU and stays there; pass device='cuda' to use the GPU")
     fp = model._fingerprint if isinstance(model, PreparedModel) else None
-    return PreparedModel(module, here, _floating_dtype(module), _fingerprint=fp)
+    return PreparedModel(module, here, floating_dtype(module), _fingerprint=fp)
 
 
 def run_device(model: nn.Module, device: Device = None) -> torch.device:

@@ -15,7 +15,14 @@ from torch import nn
 from .._plumbing.checks import optional_positive_int, positive_int
 from .._plumbing.chunks import row_chunks
 from .._plumbing.deprecation import renamed_kwargs
-from .._plumbing.device import PreparedModel, as_module, model_devices, prepared, run_device
+from .._plumbing.device import (
+    PreparedModel,
+    as_module,
+    floating_dtype,
+    model_devices,
+    prepared,
+    run_device,
+)
 from .._plumbing.progress import progress_bar
 from ..errors import DissectError
 from ..hooks import Trace, resolve_layers
@@ -87,23 +94,33 @@ def _check_common(steps: Any, lr: Any, batch_size: Any, seed: Any, param: Any) -
         raise DissectError(f"unknown param {param!r}: use one of {', '.join(PARAMS)}")
 
 
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision activations as float32 for the objectives (a differentiable cast)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class _Forward:
     """One forward pass returning ``{layer: activation}`` with the graph kept.
 
-    Stops right after the deepest needed layer unless the model output is needed.
+    Stops right after the deepest needed layer unless the model output is needed. The images
+    stay float32 (so does their optimization); the normalized input is cast to the model's
+    floating dtype, and half-precision activations are read back as float32.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str], output: bool,
                  normalize: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.model, self.output, self.normalize = model, output, normalize
+        self.dtype = floating_dtype(model)
         # a differentiable copy: later in-place ops (ReLU(inplace=True)) cannot change it
         self.trace = (Trace(model, list(layers), stop=not output,
-                            record=lambda name, t: t.clone()) if layers else None)
+                            record=lambda name, t: _as_float(t.clone())) if layers else None)
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.normalize(images)
+        if self.dtype is not None:
+            x = x.to(self.dtype)
         if self.trace is None:
-            return {OUTPUT: first_tensor(self.model(x), "the model output")}
+            return {OUTPUT: _as_float(first_tensor(self.model(x), "the model output"))}
         with self.trace as tr:
             out = self.model(x)  # with stop=True, StopForward ends the pass here (swallowed)
         acts = dict(tr.outputs)
@@ -114,7 +131,7 @@ class _Forward:
                 "activations to optimize: choose layers the model calls in forward()"
             )
         if self.output:
-            acts[OUTPUT] = first_tensor(out, "the model output")
+            acts[OUTPUT] = _as_float(first_tensor(out, "the model output"))
         return acts
 
 

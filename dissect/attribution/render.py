@@ -123,20 +123,9 @@ def heatmap(attribution: Any, colormap: str | int = "jet", **kwargs: Any) -> np.
 
 
 def image_array(image: Any) -> np.ndarray:
-    """An image as an ``(H, W, 3)`` float32 RGB array in [0, 1].
-
-    Parameters
-    ----------
-    image
-        A ``(3, H, W)`` or ``(H, W)`` tensor (float in [0, 1], or uint8), or an ``(H, W, 3)``
-        or ``(H, W)`` array (uint8, or float in [0, 1]); a leading batch dim of 1 is
-        dropped. A normalized model input is not an image: undo the normalization first
-        (``transform.denormalize(x)``); values outside [0, 1] are clipped with a warning.
-
-    Returns
-    -------
-    numpy.ndarray
-    """
+    """An image as an ``(H, W, 3)`` float32 RGB array in [0, 1] (the forms
+    :func:`dissect._plumbing.images.rgb_float` takes: ``(3, H, W)`` tensors, ``(H, W, 3)``
+    arrays, uint8 or float in [0, 1]; a normalized model input must be denormalized first)."""
     return rgb_float(image)
 
 

@@ -71,9 +71,10 @@ class _Scan:
 
 
 def _scan(model: nn.Module, module: nn.Module, name: str, dataset: Any, rows: Sequence[int],
-          units: list[int], batch_size: int, num_workers: int, dev: torch.device,
+          units: list[int], batch_size: int, num_workers: int, placed: PreparedModel,
           progress: bool, desc: str) -> _Scan:
     """Max value and arg-max position of each unit on each row (a forward pass, no graph)."""
+    dev = placed.device
     values, flats, index = [], [], []
     shape: tuple[int, ...] | None = None
     spatial: tuple[int, ...] = ()
@@ -85,7 +86,7 @@ def _scan(model: nn.Module, module: nn.Module, name: str, dataset: Any, rows: Se
             elif tuple(x.shape[1:]) != shape:
                 raise DataError(f"data items have different shapes {shape} and "
                                 f"{tuple(x.shape[1:])}: resize them to one size")
-            out = layer_output(model, module, name, x.to(dev))
+            out = layer_output(model, module, name, placed.inputs(x))
             if not values:
                 units_in_range(units, out.shape[1], name)
                 spatial = tuple(out.shape[2:])
@@ -112,7 +113,7 @@ class _Pair:
 
 def _project_pairs(model: nn.Module, module: nn.Module, name: str, dataset: Any,
                    pairs: list[_Pair], field: ReceptiveField, method: str, batch_size: int,
-                   num_workers: int, dev: torch.device, images: torch.Tensor,
+                   num_workers: int, placed: PreparedModel, images: torch.Tensor,
                    projections: torch.Tensor, others: Counter, progress: bool) -> list[_Pair]:
     """Project every pair on its crop, batching pairs of one crop shape; return misfits.
 
@@ -126,10 +127,11 @@ def _project_pairs(model: nn.Module, module: nn.Module, name: str, dataset: Any,
     queues: dict[tuple[int, ...], list[tuple[_Pair, torch.Tensor]]] = {}
     misfits: list[_Pair] = []
     stride = field.stride
+    dev = placed.device
 
     def run(queue: list[tuple[_Pair, torch.Tensor]]) -> None:
         batch = [p for p, _ in queue]
-        x = torch.stack([c for _, c in queue]).to(dev)
+        x = placed.inputs(torch.stack([c for _, c in queue]))
         units = torch.tensor([p.unit for p in batch], device=dev)
         expected = torch.tensor([p.value for p in batch], device=dev)
         bad = torch.zeros(len(batch), dtype=torch.bool)
@@ -145,8 +147,9 @@ def _project_pairs(model: nn.Module, module: nn.Module, name: str, dataset: Any,
                 flat = torch.zeros(len(batch), dtype=torch.int64, device=dev)
             got = out.detach().reshape(len(batch), out.shape[1], -1)[rows, units, flat]
             scale = float(expected.abs().max()) + 1e-12
-            bad = (~torch.isclose(got, expected.to(got.dtype), rtol=RTOL,
-                                  atol=RTOL * 1e-1 * scale)).cpu()
+            rtol = max(RTOL, 8 * torch.finfo(got.dtype).eps)  # bfloat16 rounds at 4e-3
+            bad = (~torch.isclose(got, expected.to(got.dtype), rtol=rtol,
+                                  atol=rtol * 1e-1 * scale)).cpu()
             return spike_signal(out, units, "max", flat)
 
         (grads,) = backproject(model, module, name, x, method, [make], others)
@@ -297,10 +300,10 @@ def top_patches(
         raise DataError("the dataset is empty")
     others: Counter[str] = Counter()
     with prepared(model, device) as run:
-        model, dev = run.module, run.device
+        model = run.module
         if store is None:
             scan = _scan(model, module, name, dataset, range(n), units, batch_size,
-                         num_workers, dev, progress, f"maxima {name}")
+                         num_workers, run, progress, f"maxima {name}")
             values = scan.values
         else:
             values = _store_maxima(store, name, units, dataset, run)
@@ -309,7 +312,7 @@ def top_patches(
         chosen = sorted(set(order.flatten().tolist()))
         if store is not None:  # positions (and exact values) of the chosen images only
             scan = _scan(model, module, name, dataset, chosen, units, batch_size, num_workers,
-                         dev, progress, f"positions {name}")
+                         run, progress, f"positions {name}")
             at = {row: n for n, row in enumerate(chosen)}
         else:
             at = {row: row for row in chosen}
@@ -317,7 +320,7 @@ def top_patches(
             raise DissectError(
                 f"top_patches needs (C, H, W) inputs and a layer with 2-D maps or none; got "
                 f"inputs {scan.input_shape} and maps {scan.spatial}")
-        field = receptive_field(model, name, scan.input_shape, device=dev)
+        field = receptive_field(run, name, scan.input_shape)
         full = (0, scan.input_shape[1], 0, scan.input_shape[2])
         pairs, patches = [], []
         for u_pos, unit in enumerate(units):
@@ -339,7 +342,7 @@ def top_patches(
         shape = (len(units), k, scan.input_shape[0], wy1 - wy0, wx1 - wx0)
         images, projections = torch.zeros(shape), torch.zeros(shape)
         misfits = _project_pairs(model, module, name, dataset, pairs, field, method,
-                                 batch_size, num_workers, dev, images, projections, others,
+                                 batch_size, num_workers, run, images, projections, others,
                                  progress)
         if misfits:
             log.warning(
@@ -349,7 +352,7 @@ def top_patches(
             redo = [_Pair(p.slot, p.unit, p.row, p.value, p.position, full, p.window)
                     for p in misfits]
             left = _project_pairs(model, module, name, dataset, redo, field, method,
-                                  batch_size, num_workers, dev, images, projections, others,
+                                  batch_size, num_workers, run, images, projections, others,
                                   progress)
             if left:
                 raise DissectError(

@@ -244,12 +244,12 @@ def reconstruct(
     others: Counter[str] = Counter()
     result: torch.Tensor | None = None
     with prepared(model, device) as run:
-        model, dev = run.module, run.device
+        model = run.module
         checked: Location | None = None
         bar = progress_bar(len(chunks) * len(units), f"{method} {name}", progress, unit="unit")
         with bar:
             for start, stop in chunks:
-                xb = x[start:stop].detach().to(dev)
+                xb = run.inputs(x[start:stop].detach())
 
                 def signal(unit: int):
                     def make(out: torch.Tensor) -> torch.Tensor:
@@ -264,7 +264,7 @@ def reconstruct(
 
                 grads = backproject(model, module, name, xb, method,
                                     [signal(u) for u in units], others)
-                block = torch.stack(grads, dim=1).to(x.device)
+                block = torch.stack(grads, dim=1).to(x.device, x.dtype)
                 if result is None:
                     result = torch.empty((x.shape[0],) + block.shape[1:], dtype=block.dtype,
                                          device=x.device)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._plumbing.device import prepared
+from .._plumbing.device import PreparedModel, prepared
 from ..errors import DissectError
 from ._common import one_layer, run_to_layer
 from ._rules import SupportMode
@@ -130,10 +130,10 @@ def _shape(input_size: int | Sequence[int]) -> tuple[int, int, int]:
 
 
 def _supports(model: nn.Module, module: nn.Module, name: str, shape: tuple[int, int, int],
-              dev: torch.device, where: Callable[[int, int], list[tuple[int, int]]],
+              placed: PreparedModel, where: Callable[[int, int], list[tuple[int, int]]],
               ) -> tuple[tuple[int, int], list[tuple[int, int, int, int] | None]]:
     """Map size, and the input box each position ``where(h, w)`` depends on (None: none)."""
-    x = torch.zeros((1, *shape), device=dev, requires_grad=True)
+    x = placed.inputs(torch.zeros((1, *shape))).requires_grad_(True)
     mode = SupportMode()
     out = run_to_layer(model, module, name, x, mode)
     if mode.inexact:
@@ -183,13 +183,13 @@ def _fit(boxes: list, n: int, side: int, axis: int, centre: int) -> tuple[int, i
 
 
 def _grow(model: nn.Module, module: nn.Module, name: str, shape: tuple[int, int, int],
-          axis: int, dev: torch.device) -> tuple[int, int, int] | None:
+          axis: int, placed: PreparedModel) -> tuple[int, int, int] | None:
     """Fit one axis on probes doubled along it until the field fits (None: global)."""
     probe = list(shape)
     last = -1
     while probe[1 + axis] < MAX_PROBE:
         probe[1 + axis] = min(2 * probe[1 + axis], MAX_PROBE)
-        (h, w), boxes = _supports(model, module, name, tuple(probe), dev, _centre)
+        (h, w), boxes = _supports(model, module, name, tuple(probe), placed, _centre)
         n = (h, w)[axis]
         if n == last:  # the maps do not grow with the input (adaptive pooling): global
             return None
@@ -243,10 +243,10 @@ def receptive_field(
     name, module = one_layer(model, layer)
     size = (shape[1], shape[2])
     with prepared(model, device) as run:
-        model, dev = run.module, run.device
+        model = run.module
         try:
             (h, w), boxes = _supports(
-                model, module, name, shape, dev,
+                model, module, name, shape, run,
                 lambda h, w: _centre(h, w) + [(0, 0), (h - 1, w - 1)])
         except _NotSpatial as exc:
             log.info("layer %r has outputs of shape %s (no 2-D maps): its field is global",
@@ -258,7 +258,7 @@ def receptive_field(
             n = (h, w)[axis]
             fit = _fit(boxes, n, size[axis], axis, n // 2)
             if fit is None:
-                fit = _grow(model, module, name, shape, axis, dev)
+                fit = _grow(model, module, name, shape, axis, run)
             if fit is None or fit[1] < 1:
                 return global_field
             fits.append(fit)

@@ -179,9 +179,9 @@ def publish_shards(path: str | Path, world_size: int, n: int, align: int = 1) ->
     return path
 
 
-@renamed_kwargs(dest="path")
+@renamed_kwargs(dest="path", batch_rows="batch_size")
 def consolidate(
-    src: str | Path, path: str | Path, *, batch_rows: int = 1024, overwrite: bool = False
+    src: str | Path, path: str | Path, *, batch_size: int = 1024, overwrite: bool = False
 ) -> ActivationStore:
     """Copy a store (for instance a published virtual store) into one standalone HDF5 file.
 
@@ -192,8 +192,9 @@ def consolidate(
     path
         The new file (written atomically: under a temporary name until complete).
         (``dest=`` is a deprecated alias, for one release.)
-    batch_rows
-        Rows copied at a time (memory is bounded by them).
+    batch_size
+        Rows copied at a time (memory is bounded by them). (``batch_rows=`` is a deprecated
+        alias, for one release.)
     overwrite
         Replace an existing ``path``.
 
@@ -227,8 +228,8 @@ def consolidate(
             gradients=grads,
         )
         with StoreWriter(tmp) as writer:
-            for start in range(0, n, batch_rows):
-                stop = min(n, start + batch_rows)
+            for start in range(0, n, batch_size):
+                stop = min(n, start + batch_size)
                 acts = {name: store[name][start:stop] for name in store.layers}
                 maxima = {name: store._layer("maxima", name)[start:stop] for name in store.layers}
                 gradients = (

@@ -1,26 +1,10 @@
-"""Network Dissection (Bau et al., CVPR 2017): exact unit-concept IoU scoring.
+"""Network Dissection's run: :func:`dissect` scores every unit of chosen layers against every
+concept of a concept dataset.
 
-For every unit ``k`` of a layer and concept ``c`` of a :class:`~dissect.datasets.ConceptDataset`:
-
-- ``T_k`` is the ``(1 - quantile)`` quantile of all raw activations of unit ``k`` over the dataset
-  (every position of every image), equal to ``numpy.quantile(values, 1 - quantile)``: exact
-  (:func:`dissect.stats.exact_quantiles`), not a sketch.
-- Each map is upsampled to the segmentation size by bilinear interpolation
-  (``align_corners=False``); active pixels are those ``> T_k``
-  (:func:`dissect.netdissect.netdissect.active_pixels.active_pixels`, exact and sparse).
-- ``I[k, c]`` sums ``|active_k AND mask_c|``, ``A[k, cat]`` sums the active area over images on
-  which category ``cat`` is annotated, ``L[c]`` the area of concept ``c``; an image-level label
-  covers its whole image. ``IoU[k, c] = I / (A[k, cat(c)] + L[c] - I)`` with ``cat(c)`` the
-  concept's primary category. A unit is a detector when its best IoU exceeds ``iou_threshold``.
-
-Counts are exact integers (int64 tallies; float64 sums and matrix products of integers below
-2**53). The intersections are counted per active row interval, not per pixel: each label row is
-cut into runs of one concept and an interval adds its overlap with each run it touches.
-
-Across processes (``torchrun``, :mod:`dissect.distributed`) each rank reads a contiguous shard
-of the store's rows; the thresholds are merged exactly (:func:`dissect.stats.exact_quantiles`
-with a collective) and the counts summed with an int64 all-reduce, so every rank returns the
-same result as a single process, bit for bit.
+Thresholds first (one exact-quantile pass per layer over the store), then one pass over the
+annotations in which each batch's label planes are read once and every layer's
+:class:`~dissect.netdissect.tally.IoUTally` counts against them. The semantics are in the
+package documentation (:mod:`dissect.netdissect`).
 """
 
 from __future__ import annotations
