@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from dissect import DissectError
-from dissect.netdissect.active_pixels import active_mask_dense
 from dissect.datasets import Concept
-from dissect.netdissect.numba_engine import count_batch
 from dissect.netdissect import IoUTally
+from dissect.netdissect.active_pixels import active_mask_dense
+from dissect.netdissect.numba_engine import count_batch
 
 
 def _reference(maps, thr, labels, lut, n_concepts):

@@ -69,6 +69,8 @@ def split_item(item: Any, index: Any, *, batched: bool = False,
 
 def stack_inputs(inputs: list[torch.Tensor]) -> torch.Tensor:
     """Stack single inputs into a batch; items of different shapes are a :class:`DataError`."""
+    if not inputs:
+        raise DataError("no data items to stack: the batch is empty")
     shapes = {tuple(x.shape) for x in inputs}
     if len(shapes) > 1:
         raise DataError(

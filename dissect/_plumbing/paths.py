@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_HASHED = re.compile(r".*-[0-9a-f]{8}")  # what safe_name makes of an unsafe name
 
 
 def safe_name(name: str) -> str:
@@ -26,12 +27,14 @@ def safe_name(name: str) -> str:
     Returns
     -------
     str
-        ``name`` itself when it holds only letters, digits, ``_``, ``.`` and ``-`` (and is not
-        empty, ``.`` or ``..`` and does not start with ``.``); otherwise the sanitized name
-        followed by ``-`` and 8 hex digits of the SHA-1 of ``name``.
+        ``name`` itself when it holds only letters, digits, ``_``, ``.`` and ``-``, is not
+        empty, does not start with ``.`` and does not end like a hashed name (``-`` and 8 hex
+        digits); otherwise the sanitized name followed by ``-`` and 8 hex digits of the SHA-1
+        of ``name``. Kept names never end like hashed ones, so two names share a file name
+        only if their SHA-1 digests share 32 bits.
     """
     clean = _UNSAFE.sub("_", name)
-    if clean == name and name and not name.startswith("."):
+    if clean == name and name and not name.startswith(".") and not _HASHED.fullmatch(name):
         return name
     digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return f"{clean.lstrip('.') or '_'}-{digest}"

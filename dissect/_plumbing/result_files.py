@@ -34,7 +34,10 @@ def write_json(path: str | Path, doc: dict[str, Any], *, indent: int | None = No
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(doc, indent=indent, allow_nan=allow_nan)
+    try:
+        text = json.dumps(doc, indent=indent, allow_nan=allow_nan)
+    except (TypeError, ValueError) as exc:  # NaN or infinity refused, or not JSON at all
+        raise DissectError(f"cannot write {path}: {exc}") from exc
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text)

@@ -157,7 +157,7 @@ class TopPatches:
             projections = torch.from_numpy(decode_array(data["projections"], "projections"))
             return cls(data["layer"], data["method"], units, field,
                        [by_unit[u] for u in units], images, projections)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise DissectError(f"{path} is a damaged top-patches result: {exc!r}") from exc
 
     def __repr__(self) -> str:

@@ -141,9 +141,9 @@ class DissectionResult:
         rows = []
         for u in self.units(layer):
             row: list[Any] = [u.unit, u.category, u.concept, f"{u.iou:.6f}"]
-            for c in self.categories:
-                best = per_cat[c][u.unit]
-                row += [best.concept, f"{best.iou:.6f}"]
+            for c in self.categories:  # a category without scored concepts has empty cells
+                best = per_cat[c][u.unit] if per_cat[c] else None
+                row += [best.concept, f"{best.iou:.6f}"] if best else ["", ""]
             rows.append(row)
         return rows
 
