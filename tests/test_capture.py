@@ -323,6 +323,7 @@ def _run_child(script: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(script), *args], env=env)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_identical_data(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from test_report import parse
 
 from dissect import ActivationStore
@@ -11,6 +12,7 @@ from dissect.cli import main
 from dissect.demo import LAYERS
 
 
+@pytest.mark.slow
 def test_fast_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--fast", "--out", str(out), "--quiet"]) == 0

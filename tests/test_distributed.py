@@ -197,6 +197,7 @@ def _assert_same_store(got: ActivationStore, ref: ActivationStore) -> None:
     np.testing.assert_array_equal(got.index, np.arange(N))
 
 
+@pytest.mark.slow
 def test_torchrun_store_equals_single_process(torchrun_out, reference):
     ref, _ = reference
     path = torchrun_out / "acts.h5"  # the published store after a crash of shard 1 and resume
@@ -214,6 +215,7 @@ def test_torchrun_store_equals_single_process(torchrun_out, reference):
         np.testing.assert_array_equal(shard.index, np.arange(12, 22))
 
 
+@pytest.mark.slow
 def test_torchrun_dataloader_sources(torchrun_out, reference):
     ref, _ = reference
     with ActivationStore(torchrun_out / "loader.h5") as got:  # sequential: same batches
@@ -224,6 +226,7 @@ def test_torchrun_dataloader_sources(torchrun_out, reference):
         np.testing.assert_array_equal(got.index, np.arange(N))
 
 
+@pytest.mark.slow
 def test_torchrun_dissection_equals_single_process(torchrun_out, reference):
     _, ref = reference
     for rank in (0, 1):  # every rank returns the same result
@@ -242,6 +245,7 @@ def test_torchrun_dissection_equals_single_process(torchrun_out, reference):
         np.testing.assert_array_equal(np.load(torchrun_out / f"radix-rank{rank}.npy"), expected)
 
 
+@pytest.mark.slow
 def test_torchrun_resume_per_shard_and_reuse(torchrun_out):
     reports = [json.loads((torchrun_out / f"report-rank{r}.json").read_text()) for r in (0, 1)]
     # shard 0 was complete (nothing recomputed); shard 1 had 4 of its 10 rows: 6 recomputed
@@ -251,6 +255,7 @@ def test_torchrun_resume_per_shard_and_reuse(torchrun_out):
     assert "publish" in reports[0]["timings"] and "count reduction" in reports[0]["timings"]
 
 
+@pytest.mark.slow
 def test_torchrun_an_error_on_one_rank_is_raised_on_all(torchrun_out):
     reports = [json.loads((torchrun_out / f"report-rank{r}.json").read_text()) for r in (0, 1)]
     assert reports[1]["broken"].startswith("DataError: the input of a data item is a str")
@@ -259,6 +264,7 @@ def test_torchrun_an_error_on_one_rank_is_raised_on_all(torchrun_out):
     assert not (torchrun_out / "broken.h5").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_cli_writes_once_and_equals_single_process(torchrun_out, tmp_path, capsys):
     reports = [json.loads((torchrun_out / f"report-rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["cli_code"] for r in reports] == [0, 0]
@@ -272,6 +278,7 @@ def test_torchrun_cli_writes_once_and_equals_single_process(torchrun_out, tmp_pa
     assert (torchrun_out / "cli" / "activations.h5.shards").is_dir()
 
 
+@pytest.mark.slow
 def test_missing_shard_is_refused_not_read_as_zeros(torchrun_out, tmp_path):
     import shutil
 
@@ -292,6 +299,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_dying_rank_makes_the_others_fail_with_a_clear_error(tmp_path):
     """Rank 1 joins and exits; rank 0 (the capture command) must fail fast, not hang.
 

@@ -261,6 +261,7 @@ def test_bad_input(tmp_path, tiny, images):
         dissect(tiny, ds, progress=False)
 
 
+@pytest.mark.slow
 def test_cli_and_reproduction_script_on_written_broden(tmp_path, capsys):
     import importlib.util
     from pathlib import Path

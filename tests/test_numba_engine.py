@@ -142,6 +142,7 @@ def test_engine_choice():
         IoUTally(1, concepts, ["color"], engine="fast")
 
 
+@pytest.mark.slow
 def test_kernels_compile_where_numba_cannot_cache(tmp_path):
     # numba refuses cache=True when no cache folder is writable; the module must still import
     # and count (here numba is made to find no cache locator at all)

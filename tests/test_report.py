@@ -153,6 +153,7 @@ def _chromium(*args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+@pytest.mark.slow
 def test_report_in_headless_chromium(results, tmp_path):
     index = write_report(results)
     page = index.parent / "layer-0.html"
