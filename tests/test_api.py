@@ -92,3 +92,27 @@ def test_import_is_light():
             "print(sorted(heavy & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("old, new", [
+    ("dissect.active_pixels", "dissect.netdissect.active_pixels"),
+    ("dissect.label_runs", "dissect.netdissect.label_runs"),
+    ("dissect.fused_tally", "dissect.netdissect.numba_engine"),
+])
+def test_old_module_paths_still_import_with_a_warning(old, new):
+    """The Network Dissection engine modules moved into the package; the old paths are kept
+    for one release, warn, and hold the very same objects."""
+    import importlib
+    import sys
+    import warnings
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
+        shim = importlib.import_module(old)
+    home = importlib.import_module(new)
+    public = [n for n in vars(home) if not n.startswith("_") and callable(getattr(home, n))]
+    assert public
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in public:
+            assert getattr(shim, name) is getattr(home, name), name
