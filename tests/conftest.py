@@ -75,3 +75,41 @@ def tiny() -> TinyCNN:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(10, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+class Recorder(nn.Module):
+    """Wraps a model; records each forward's input rows."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        return self.model(x)
+
+
+@pytest.fixture
+def probe_devices(monkeypatch) -> list[tuple[str, torch.device]]:
+    """Where each probe fit's features, labels and parameters live: ``(what, device)`` pairs
+    recorded by a spy on ``BatchedSoftmax``."""
+    import dissect.probes._probe as probe_module
+
+    seen: list[tuple[str, torch.device]] = []
+
+    class Spy(probe_module.BatchedSoftmax):
+        def __init__(self, blocks, *args, **kwargs):
+            super().__init__(blocks, *args, **kwargs)
+            seen.append(("model", self.device))
+            seen.extend(("features", b.x.device) for b in blocks if b.x is not None)
+
+        def fit(self, y, *args, **kwargs):
+            seen.append(("labels", y.device))
+            theta, info = super().fit(y, *args, **kwargs)
+            seen.append(("parameters", theta.device))
+            return theta, info
+
+    monkeypatch.setattr(probe_module, "BatchedSoftmax", Spy)
+    return seen
+

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import TinyCNN
+from conftest import Recorder, TinyCNN
 from torch import nn
 
 from dissect import DissectError, LayerNotFoundError
@@ -67,8 +67,7 @@ def net(request):
     return model, x, layer
 
 
-class Recorder(nn.Module):
-    """Wraps a model; records each forward's input rows."""
+
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

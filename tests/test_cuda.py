@@ -21,11 +21,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DictImages, TinyCNN
+from conftest import DictImages, Recorder, TinyCNN
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-import dissect.probes._probe as probe_module
 from dissect import capture
 from dissect.actmax import visualize
 from dissect.attribution import grad_cam, integrated_gradients, occlusion, saliency, smoothgrad
@@ -105,17 +104,6 @@ class OnDevice(Dataset):
         return self.x[i]
 
 
-class Recorder(nn.Module):
-    """Wraps a model; records each forward's input rows."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.inputs: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.inputs.append(x.detach().clone())
-        return self.model(x)
 
 
 # --------------------------------------------------------------------------- capture
@@ -360,30 +348,16 @@ def _probe_store(path, n: int = 240, d: int = 10, classes: int = 3) -> tuple[Act
     return ActivationStore(path), y
 
 
-def test_probe_on_cuda_equals_cpu_and_fits_there(tmp_path, monkeypatch):
+def test_probe_on_cuda_equals_cpu_and_fits_there(tmp_path, probe_devices):
     store, y = _probe_store(tmp_path / "p.h5")
     # float64 and a tight tolerance: both devices reach the same optimum to ~1e-8, far closer
     # than any test row is to a decision boundary
     options = ProbeOptions(dtype="float64", tol=1e-8)
     ref = probe(store, y, device="cpu", reg=1e-2, options=options, progress=False)
-    seen: list[tuple[str, torch.device]] = []
-
-    class Spy(probe_module.BatchedSoftmax):
-        def __init__(self, blocks, *args, **kwargs):
-            super().__init__(blocks, *args, **kwargs)
-            seen.append(("model", self.device))
-            seen.extend(("features", b.x.device) for b in blocks if b.x is not None)
-
-        def fit(self, y, *args, **kwargs):
-            seen.append(("labels", y.device))
-            theta, info = super().fit(y, *args, **kwargs)
-            seen.append(("parameters", theta.device))
-            return theta, info
-
-    monkeypatch.setattr(probe_module, "BatchedSoftmax", Spy)
+    probe_devices.clear()  # only the cuda run below counts
     got = probe(store, y, device=CUDA, reg=1e-2, options=options, progress=False)
-    assert {what for what, _ in seen} == {"model", "features", "labels", "parameters"}
-    assert {d.type for _, d in seen} == {"cuda"}
+    assert {what for what, _ in probe_devices} == {"model", "features", "labels", "parameters"}
+    assert {d.type for _, d in probe_devices} == {"cuda"}
     assert got.settings["device"].startswith("cuda")
     assert got.layers == ref.layers == ["block0", "block1"]
     for layer in ref.layers:

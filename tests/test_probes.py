@@ -361,38 +361,19 @@ def test_cli_probe_targets_of_a_synthetic_capture(tmp_path, capsys, tiny):
     assert saved.classes.tolist() == sorted(set(data.targets.tolist()))
 
 
-def test_device_argument_is_honoured(tmp_path, monkeypatch):
-    import dissect.probes._probe as probe_module
-
+def test_device_argument_is_honoured(tmp_path, monkeypatch, probe_devices):
     acts, y = graded(n=120, strengths=(3.0,))
     store = make_store(tmp_path / "d.h5", acts)
-    seen: list[tuple[str, torch.device]] = []
-
-    class Spy(probe_module.BatchedSoftmax):
-        """Records where the probes' features, labels and parameters live."""
-
-        def __init__(self, blocks, *args, **kwargs):
-            super().__init__(blocks, *args, **kwargs)
-            seen.append(("model", self.device))
-            seen.extend(("features", b.x.device) for b in blocks if b.x is not None)
-
-        def fit(self, y, *args, **kwargs):
-            seen.append(("labels", y.device))
-            theta, info = super().fit(y, *args, **kwargs)
-            seen.append(("parameters", theta.device))
-            return theta, info
-
-    monkeypatch.setattr(probe_module, "BatchedSoftmax", Spy)
     with monkeypatch.context() as m:
         # make CUDA the default device, so that a probe ignoring device="cpu" would not run on
         # the CPU (and without CUDA would fail)
         m.setattr(torch.cuda, "is_available", lambda: True)
         result = probe(store, torch.as_tensor(y), device="cpu", reg=1e-2, progress=False)
-    assert {what for what, _ in seen} == {"model", "features", "labels", "parameters"}
-    assert {d for _, d in seen} == {torch.device("cpu")}
+    assert {what for what, _ in probe_devices} == {"model", "features", "labels", "parameters"}
+    assert {d for _, d in probe_devices} == {torch.device("cpu")}
     assert result.settings["device"] == "cpu" and result["block0"].test_accuracy > 0.8
     if not torch.cuda.is_available():  # asking for a device that is not there is an error
-        seen.clear()
+        probe_devices.clear()
         with pytest.raises(DissectError, match="CUDA"):
             probe(store, y, device="cuda", reg=1e-2, progress=False)
-        assert not seen
+        assert not probe_devices
