@@ -42,7 +42,8 @@ DECONV_METHOD = "guided"
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """How big the demo is. :meth:`full` fits 5 minutes on 2 CPU cores; :meth:`fast` ~1."""
+    """How big the demo is. :meth:`full` takes about a minute on 2 CPU cores; :meth:`fast`
+    a few seconds."""
 
     images: int
     image_size: int
