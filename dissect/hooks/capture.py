@@ -26,8 +26,11 @@ from ..distributed import DistContext, publish_shards, shard_attr, shard_path
 from ..distributed import resolve as resolve_distributed
 from ..errors import DataError, DissectError, StoreError
 from ..store import DTYPES, ActivationStore, StoreWriter, create_store
+from ..store.layout import check_destination, io_error
 from .async_writer import AsyncWriter
+from .data_identity import data_differences, data_identity
 from .layers import LayerSelector, resolve_layers
+from .outputs import as_rows, sequence_first
 from .pooling import Pool, apply_pool, check_pool
 from .source import BatchSource
 from .trace import Trace
@@ -40,14 +43,23 @@ Target = int | Callable[[torch.Tensor], torch.Tensor]
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
-def _target_scalar(target: Target, output: torch.Tensor) -> torch.Tensor:
+def _target_scalar(target: Target, output: Any) -> torch.Tensor:
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        output = output[0]
     if callable(target):
         value = target(output)
-    elif isinstance(target, int) and not isinstance(target, bool):
-        value = output[:, target]
-    else:
-        raise DissectError(f"grads_for must be a class index or a callable, got {target!r}")
-    return value.sum()
+        if not isinstance(value, torch.Tensor):
+            raise DissectError(f"the grads_for callable returned {type(value).__name__}, not "
+                               "a tensor of scores")
+        return value.sum()
+    if not isinstance(output, torch.Tensor) or output.ndim < 2:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output)
+        raise DissectError(f"grads_for={target} needs (N, classes, ...) model outputs, got "
+                           f"{shape}: pass a callable that maps the output to scores")
+    if not 0 <= target < output.shape[1]:
+        raise DissectError(f"grads_for={target} is out of range: the model has "
+                           f"{output.shape[1]} outputs (0..{output.shape[1] - 1})")
+    return output[:, target].sum()
 
 
 @dataclass
@@ -62,12 +74,17 @@ class _Job:
     grads_for: Target | None
     progress: bool
     attrs: dict[str, Any]
+    identity: dict[str, str]
+    seq_first: set[str]
 
 
-def _existing(
-    path: Path, settings: dict[str, Any], resume: bool
-) -> tuple[ActivationStore | None, int]:
-    """Decide what to do with a file already at ``path``: (complete store | None, start row)."""
+def _existing(path: Path, job: _Job, resume: bool) -> tuple[ActivationStore | None, int]:
+    """Decide what to do with a file already at ``path``: (complete store | None, start row).
+
+    The file must hold the same model (weights fingerprint), layers, dtype, pooling, row
+    count and data (:mod:`.data_identity`) as this call; else a :class:`StoreError` lists the
+    differences.
+    """
     hint = "pass overwrite=True (or --overwrite) to replace it"
     try:
         store = ActivationStore(path)
@@ -77,12 +94,24 @@ def _existing(
         meta = store.meta
         diffs = [
             f"{key}: file has {meta.get(key)!r}, this call {value!r}"
-            for key, value in settings.items()
-            if meta.get(key) != value
+            for key, value in job.settings.items()
+            if key != "fingerprint" and meta.get(key) != value
         ]
+        saved = meta.get("fingerprint")
+        if saved != job.settings["fingerprint"]:
+            if saved == fingerprint(job.run.module, legacy=True):
+                log.info("%s was fingerprinted by torch-dissect 0.1: same model", path)
+            else:
+                diffs.insert(0, "fingerprint: the weights differ (another model, or other "
+                                "weights)")
+        if "data_hash" in meta:
+            diffs += data_differences(meta, job.identity)
+        else:
+            log.warning("%s was captured by an earlier release, which did not record its data: "
+                        "it cannot be checked against this call's data", path)
         if diffs:
             raise StoreError(
-                f"{path} was captured with other settings ({'; '.join(diffs)}); "
+                f"{path} was captured with other settings or data ({'; '.join(diffs)}); "
                 f"{hint}, or choose another path"
             )
         if store.complete:
@@ -97,6 +126,15 @@ def _existing(
         raise
     store.close()
     return None, start
+
+
+def _prepare_destination(path: Path) -> None:
+    """The folder of a new store exists (a :class:`StoreError` when it cannot)."""
+    check_destination(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise io_error(path.parent, "making the folder", exc) from exc
 
 
 def capture(
@@ -192,9 +230,10 @@ def capture(
     positive_int(num_workers, "num_workers", minimum=0)
     pool = check_pool(pool)
     if grads_for is not None and not callable(grads_for) and (
-        not isinstance(grads_for, int) or isinstance(grads_for, bool)
+        not isinstance(grads_for, int) or isinstance(grads_for, bool) or grads_for < 0
     ):
-        raise DissectError(f"grads_for must be a class index or a callable, got {grads_for!r}")
+        raise DissectError(f"grads_for must be a class index (>= 0) or a callable, got "
+                           f"{grads_for!r}")
     ctx = resolve_distributed(distributed, device)
     run = prepare_model(model, ctx.device(device) if ctx is not None else device)
     names = resolve_layers(run.module, layers)
@@ -208,17 +247,23 @@ def capture(
         "n_samples": source.n,
         "gradients": grads_for is not None,
     }
+    identity = data_identity(source, dataset)
+    modules = dict(run.module.named_modules())
+    seq_first = {n for n in names if sequence_first(modules[n])}
+    if seq_first:
+        log.info("%s return sequence-first (T, N, ...) outputs: stored as (N, T, ...)",
+                 sorted(seq_first))
     job = _Job(run, source, names, settings, pool, grads_for,
                progress and (ctx is None or ctx.is_main),
-               {"dataset": dataset} if dataset else {})
+               {**({"dataset": dataset} if dataset else {}), **identity}, identity, seq_first)
     if ctx is not None:
         return _capture_sharded(ctx, job, path, resume, overwrite)
     start = 0
     if path.exists() and not overwrite:
-        done, start = _existing(path, settings, resume)
+        done, start = _existing(path, job, resume)
         if done is not None:
             return done
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _prepare_destination(path)
     with run.evaluating():
         _write(job, path, start)
     return ActivationStore(path)
@@ -243,7 +288,7 @@ def _capture_sharded(ctx: DistContext, job: _Job, path: Path, resume: bool,
         if overwrite:
             path.unlink()
             return False
-        done, _ = _existing(path, settings, resume)
+        done, _ = _existing(path, job, resume)
         if done is None:
             raise StoreError(
                 f"{path} is an unfinished single-process capture: finish it in one process, or "
@@ -266,11 +311,11 @@ def _capture_sharded(ctx: DistContext, job: _Job, path: Path, resume: bool,
             start = 0
             done = None
             if shard.exists() and not overwrite:
-                done, start = _existing(shard, job.settings, resume)
+                done, start = _existing(shard, job, resume)
             if done is not None:
                 done.close()
             else:
-                shard.parent.mkdir(parents=True, exist_ok=True)
+                _prepare_destination(shard)
                 with job.run.evaluating():
                     _write(job, shard, start)
     except Exception as exc:  # every rank learns of it at the next step
@@ -297,8 +342,12 @@ def _forward(job: _Job, x: torch.Tensor, reduce: Callable) -> tuple[Trace, dict 
             Trace(model, names, grads=True, record=reduce) as tr:
         target = _target_scalar(job.grads_for, model(x))
         torch.autograd.grad(target, x)
-    grads = {n: apply_pool(tr.grads[n].detach(), pool, n).to(torch_dtype).cpu().numpy()
-             for n in names}
+    grads = {}
+    for n in names:
+        g = tr.grads[n].detach()
+        g = g.transpose(0, 1) if n in job.seq_first else g
+        g = g[:, None] if g.ndim == 1 else g
+        grads[n] = apply_pool(g, pool, n).to(torch_dtype).cpu().numpy()
     return tr, grads
 
 
@@ -306,9 +355,10 @@ def _write(job: _Job, path: Path, start: int) -> None:
     """Capture the job's rows from ``start`` on into ``path`` (created at the first batch)."""
     names, settings, source = job.names, job.settings, job.source
     torch_dtype = getattr(torch, settings["dtype"])
+    batch = [0]  # the current batch's size, read by reduce() inside the forward pass
 
     def reduce(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = t.detach()
+        t = as_rows(name, t.detach(), batch[0], name in job.seq_first, torch_dtype)
         if t.ndim == 1:
             t = t[:, None]
         maxima = t.amax(dim=tuple(range(2, t.ndim))) if t.ndim > 2 else t
@@ -324,6 +374,7 @@ def _write(job: _Job, path: Path, start: int) -> None:
     try:
         row = start
         for x, index in source.batches(start):
+            batch[0] = len(x)
             tr, grads = _forward(job, x, reduce)
             missing = [n for n in names if n not in tr.outputs]
             if missing:

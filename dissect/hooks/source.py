@@ -140,6 +140,17 @@ class BatchSource:
         loader_batch = data.batch_size if isinstance(data, DataLoader) else batch_size
         self.align = loader_batch or 1  # shards are cut at multiples of this
 
+    def identity_rows(self) -> list[tuple[int, torch.Tensor]]:
+        """The inputs of a few fixed rows, read directly: the first, quarter, middle,
+        three-quarter and last rows of a dataset (five items), the first row of a
+        ``DataLoader`` (which cannot seek). See :mod:`.data_identity`."""
+        if isinstance(self.data, DataLoader):
+            x, _ = split_item(next(iter(self.data)), None, batched=True)
+            return [(0, x[0])]
+        n = self.n
+        rows = sorted({0, n // 4, n // 2, (3 * n) // 4, n - 1})
+        return [(r, split_item(self.data[r], r)[0]) for r in rows]
+
     def restrict(self, rows: range) -> None:
         """Read only ``rows``, a contiguous range of the source's rows (one rank's shard)."""
         self.offset, self.n = rows.start, len(rows)

@@ -1,0 +1,284 @@
+"""The HDF5 schema of an activation store: creating one, and checking one before it is read.
+
+:func:`create_store` makes the file whole, under a temporary name renamed into place.
+:func:`check_layout` is the one validation every reader runs on open (``ActivationStore``,
+``StoreWriter`` and so capture's resume): a damaged or foreign file is a :class:`StoreError`
+saying what is wrong, never a ``KeyError`` from deep inside an analysis, and no value (a
+progress beyond the rows, maxima of the wrong shape) is silently trusted.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ..errors import StoreError
+
+FORMAT = "torch-dissect"
+VERSION = 1
+DTYPES = ("float16", "float32")
+CHUNK_BYTES = 1 << 20
+RECAPTURE = "recapture it (overwrite=True / --overwrite)"
+
+
+def _chunk_rows(row_shape: Sequence[int], itemsize: int, n: int) -> int:
+    row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * itemsize)
+    return int(max(1, min(n, CHUNK_BYTES // row_bytes)))
+
+
+def _create_fixed(
+    group: h5py.Group, name: str, shape: tuple[int, ...], dtype: str, chunk_rows: int | None
+) -> h5py.Dataset:
+    """Create a dataset whose storage is allocated now, so later writes touch no metadata."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    if chunk_rows is not None:
+        dcpl.set_chunk((chunk_rows,) + tuple(max(1, s) for s in shape[1:]))
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return group.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
+
+
+def io_error(path: Path, what: str, exc: BaseException) -> StoreError:
+    """A :class:`StoreError` for an OS or HDF5 failure at ``path``, naming both."""
+    text = str(exc).split("\n")[0].strip() or type(exc).__name__
+    no_space = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EFBIG) or any(
+        s in str(exc) for s in ("No space left", "File too large", "errno = 28", "errno = 27"))
+    hint = ": the disk is full (or the file is over its size limit)" if no_space else ""
+    return StoreError(f"{what} {path} failed{hint} ({type(exc).__name__}: {text})")
+
+
+def check_destination(path: Path) -> None:
+    """Refuse a store path that cannot be a file: a folder, or a path under a file."""
+    if path.is_dir():
+        raise StoreError(f"{path} is a folder; give the store a file path (e.g. {path}/acts.h5)")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise StoreError(f"cannot write {path}: {parent} is a file, not a folder")
+            break
+
+
+def create_store(
+    path: str | Path,
+    *,
+    n: int,
+    layers: dict[str, tuple[int, ...]],
+    dtype: str,
+    pool: Any,
+    attrs: dict[str, Any],
+    gradients: bool = False,
+) -> None:
+    """Create an empty, not-yet-complete store at ``path`` atomically.
+
+    Parameters
+    ----------
+    path
+        Destination file; replaced atomically if it exists.
+    n
+        Number of rows (samples).
+    layers
+        ``layer -> per-row shape`` of the stored (pooled) activations; the channel count is the
+        first entry.
+    dtype
+        ``"float16"`` or ``"float32"``.
+    pool
+        The pooling recorded in the attributes (``None``, ``"mean"``, ``"max"`` or a size).
+    attrs
+        Extra root attributes (``model``, ``fingerprint``, ...).
+    gradients
+        Also create ``/gradients/<layer>``.
+
+    Raises
+    ------
+    StoreError
+        When the file cannot be made (a folder at ``path``, a parent that is a file, a
+        read-only folder, a full disk); nothing is left behind then.
+    """
+    path = Path(path)
+    check_destination(path)
+    tmp = path.with_name(path.name + ".creating")
+    pool_json = json.dumps(pool)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update({
+                "format": FORMAT, "version": VERSION, "n_samples": n, "complete": False,
+                "layers": json.dumps(list(layers)), "dtype": dtype, "pool": pool_json,
+                "gradients": gradients,
+            })
+            f.attrs.update(attrs)
+            groups = ["activations", "maxima"] + (["gradients"] if gradients else [])
+            for g in groups:
+                f.create_group(g)
+            for name, row_shape in layers.items():
+                shape = (n, *row_shape)
+                rows = _chunk_rows(row_shape, np.dtype(dtype).itemsize, n)
+                for g in ["activations"] + (["gradients"] if gradients else []):
+                    ds = _create_fixed(f[g], name, shape, dtype, rows)
+                    ds.attrs["pool"] = pool_json
+                    ds.attrs["dtype"] = dtype
+                _create_fixed(f["maxima"], name, (n, row_shape[0]), "float32", _chunk_rows(
+                    row_shape[:1], 4, n))
+            _create_fixed(f, "index", (n,), "int64", _chunk_rows((), 8, n))
+            progress = _create_fixed(f, "progress", (), "int64", None)
+            progress[()] = 0
+        os.replace(tmp, path)
+    except (OSError, RuntimeError, ValueError) as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise io_error(path, "creating the store", exc) from exc
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def _attr(f: h5py.File, key: str, path: Path) -> Any:
+    if key not in f.attrs:
+        raise StoreError(f"{path} has no root attribute {key!r}: the file is damaged or was "
+                         f"not written by torch-dissect; {RECAPTURE}")
+    value = f.attrs[key]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _json_attr(f: h5py.File, key: str, path: Path) -> Any:
+    value = _attr(f, key, path)
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"{path}: root attribute {key!r} is not valid JSON ({value!r:.60}); "
+                         f"the file is damaged; {RECAPTURE}") from exc
+
+
+def _int_attr(f: h5py.File, key: str, path: Path) -> int:
+    value = _attr(f, key, path)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise StoreError(f"{path}: root attribute {key!r} is {value!r:.60} "
+                         f"({type(value).__name__}), not an integer; {RECAPTURE}")
+    return int(value)
+
+
+def check_version(f: h5py.File, path: Path) -> None:
+    """Refuse a file that is not a torch-dissect store, or one of another version."""
+    fmt = f.attrs.get("format")
+    if isinstance(fmt, bytes):
+        fmt = fmt.decode("utf-8", "replace")
+    if fmt != FORMAT:
+        raise StoreError(f"{path} is HDF5 but not a torch-dissect store (format={fmt!r})")
+    version = f.attrs.get("version")
+    if isinstance(version, np.generic):
+        version = version.item()
+    if version != VERSION or isinstance(version, bool):
+        raise StoreError(
+            f"{path} is a torch-dissect store of version {version!r} "
+            f"({type(version).__name__}); this release reads version {VERSION} (an integer): "
+            "recapture it or use the matching torch-dissect")
+
+
+def check_layout(f: h5py.File, path: Path) -> dict[str, Any]:
+    """Check that ``f`` is a whole torch-dissect store of this version; return its layout.
+
+    Checked: the root attributes (format, version, row count, layers, dtype, pool, flags),
+    every dataset each layer needs with consistent shapes and dtypes (activations
+    ``(N, C, ...)``, maxima ``(N, C)`` float32, gradients like the activations), ``/index``
+    ``(N,)`` int64 and ``/progress`` an integer between 0 and ``N`` (equal to ``N`` once the
+    store is complete).
+
+    Parameters
+    ----------
+    f
+        The open file.
+    path
+        Its path, for messages.
+
+    Returns
+    -------
+    dict
+        ``n_samples``, ``layers``, ``dtype``, ``gradients``, ``complete``, ``progress``.
+
+    Raises
+    ------
+    StoreError
+        Saying what is missing or malformed.
+    """
+    check_version(f, path)
+    try:
+        return _check_layout(f, path)
+    except StoreError:
+        raise
+    except (KeyError, TypeError, ValueError, OSError, RuntimeError) as exc:  # h5py surprises
+        raise StoreError(f"{path} is damaged ({type(exc).__name__}: {exc}); "
+                         f"{RECAPTURE}") from exc
+
+
+def _dataset(f: h5py.File, name: str, path: Path) -> h5py.Dataset:
+    obj = f.get(name)
+    if not isinstance(obj, h5py.Dataset):
+        what = "missing" if obj is None else f"a {type(obj).__name__}, not a dataset"
+        raise StoreError(f"{path}: /{name} is {what}; the file is damaged; {RECAPTURE}")
+    return obj
+
+
+def _check_layout(f: h5py.File, path: Path) -> dict[str, Any]:
+    n = _int_attr(f, "n_samples", path)
+    if n < 0:
+        raise StoreError(f"{path}: n_samples is {n}; {RECAPTURE}")
+    layers = _json_attr(f, "layers", path)
+    if (not isinstance(layers, list) or not layers
+            or not all(isinstance(x, str) for x in layers) or len(set(layers)) != len(layers)):
+        raise StoreError(f"{path}: root attribute 'layers' must list distinct layer names, "
+                         f"got {layers!r:.80}; {RECAPTURE}")
+    dtype = _attr(f, "dtype", path)
+    if isinstance(dtype, bytes):
+        dtype = dtype.decode("utf-8", "replace")
+    if dtype not in DTYPES:
+        raise StoreError(f"{path}: stored dtype {dtype!r} is not one of {DTYPES}; {RECAPTURE}")
+    pool = _json_attr(f, "pool", path)
+    if not (pool is None or pool in ("mean", "max") or (
+            isinstance(pool, list) and len(pool) == 2
+            and all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in pool))):
+        raise StoreError(f"{path}: root attribute 'pool' is {pool!r:.60}; {RECAPTURE}")
+    flags = {}
+    for key in ("complete", "gradients"):
+        value = _attr(f, key, path)
+        if not isinstance(value, (bool, np.bool_, int, np.integer)) or value not in (0, 1):
+            raise StoreError(f"{path}: root attribute {key!r} is {value!r:.60}, not a flag; "
+                             f"{RECAPTURE}")
+        flags[key] = bool(value)
+    for name in layers:
+        acts = _dataset(f, f"activations/{name}", path)
+        if acts.ndim < 2 or acts.shape[0] != n or acts.dtype != np.dtype(dtype):
+            raise StoreError(f"{path}: /activations/{name} is {acts.shape} {acts.dtype}, not "
+                             f"({n}, C, ...) {dtype}; {RECAPTURE}")
+        maxima = _dataset(f, f"maxima/{name}", path)
+        if maxima.shape != (n, acts.shape[1]) or maxima.dtype != np.float32:
+            raise StoreError(f"{path}: /maxima/{name} is {maxima.shape} {maxima.dtype}, not "
+                             f"({n}, {acts.shape[1]}) float32; {RECAPTURE}")
+        if flags["gradients"]:
+            grads = _dataset(f, f"gradients/{name}", path)
+            if grads.shape != acts.shape or grads.dtype != acts.dtype:
+                raise StoreError(f"{path}: /gradients/{name} is {grads.shape} {grads.dtype}, "
+                                 f"not like its activations; {RECAPTURE}")
+    index = _dataset(f, "index", path)
+    if index.shape != (n,) or index.dtype != np.int64:
+        raise StoreError(f"{path}: /index is {index.shape} {index.dtype}, not ({n},) int64; "
+                         f"{RECAPTURE}")
+    marker = _dataset(f, "progress", path)
+    if marker.shape != () or marker.dtype.kind not in "iu":
+        raise StoreError(f"{path}: /progress is {marker.shape} {marker.dtype}, not one integer; "
+                         f"{RECAPTURE}")
+    progress = int(marker[()])
+    if not 0 <= progress <= n or (flags["complete"] and progress != n):
+        state = "complete" if flags["complete"] else "unfinished"
+        raise StoreError(f"{path}: /progress says {progress} rows of {n} are written in a "
+                         f"{state} store; the file is damaged; {RECAPTURE}")
+    return {"n_samples": n, "layers": layers, "dtype": dtype, "gradients": flags["gradients"],
+            "complete": flags["complete"], "progress": progress}
