@@ -28,12 +28,12 @@ EXACT_INTS = {torch.float16: 2 ** 11, torch.float32: 2 ** 24}
 
 def sequence_first(module: nn.Module) -> bool:
     """Whether ``module`` returns its output sequence-first, ``(T, N, ...)``."""
-    if isinstance(module, (nn.RNNBase, nn.MultiheadAttention, nn.Transformer,
-                           nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-        return not getattr(module, "batch_first", False)
+    if isinstance(module, (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)):
+        return not module.batch_first
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return not module.self_attn.batch_first  # the layer keeps the flag on its attention
     if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
-        first = module.layers[0] if len(module.layers) else None
-        return first is not None and not getattr(first, "batch_first", False)
+        return len(module.layers) > 0 and sequence_first(module.layers[0])
     return False
 
 

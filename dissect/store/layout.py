@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,11 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows has no file-size limits
+    resource = None  # type: ignore[assignment]
 
 FORMAT = "torch-dissect"
 VERSION = 1
@@ -48,6 +54,9 @@ def _create_fixed(
 def io_error(path: Path, what: str, exc: BaseException) -> StoreError:
     """A :class:`StoreError` for an OS or HDF5 failure at ``path``, naming both."""
     text = str(exc).split("\n")[0].strip() or type(exc).__name__
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int) and os.strerror(code) not in text:
+        text = f"{os.strerror(code)}: {text}"
     no_space = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EFBIG) or any(
         s in str(exc) for s in ("No space left", "File too large", "errno = 28", "errno = 27"))
     hint = ": the disk is full (or the file is over its size limit)" if no_space else ""
@@ -55,14 +64,56 @@ def io_error(path: Path, what: str, exc: BaseException) -> StoreError:
 
 
 def check_destination(path: Path) -> None:
-    """Refuse a store path that cannot be a file: a folder, or a path under a file."""
+    """Refuse a store path that cannot be a file: a folder, a path under a file, or one in a
+    folder this process cannot write."""
     if path.is_dir():
         raise StoreError(f"{path} is a folder; give the store a file path (e.g. {path}/acts.h5)")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise StoreError(f"cannot write {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise StoreError(f"cannot write {path}: the folder {parent} is not writable "
+                                 "(read-only, or no permission)")
             break
+
+
+def store_bytes(n: int, layers: dict[str, tuple[int, ...]], dtype: str,
+                gradients: bool = False) -> int:
+    """The bytes a store of these layers takes on disk once written (whole chunks), without
+    the HDF5 metadata (kilobytes)."""
+    item = np.dtype(dtype).itemsize
+
+    def data(row_shape: Sequence[int], itemsize: int) -> int:
+        rows = _chunk_rows(row_shape, itemsize, n)
+        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * itemsize
+        return -(-n // rows) * rows * row_bytes if n else 0
+
+    total = data((), 8) + 8
+    for row_shape in layers.values():
+        total += data(row_shape, item) * (2 if gradients else 1) + data(row_shape[:1], 4)
+    return total
+
+
+def check_space(path: Path, needed: int) -> None:
+    """Refuse to start a store the disk (or the process's file-size limit) cannot hold."""
+    margin = 1 << 20
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return  # nothing to measure: the writes will tell
+    if path.is_file():
+        free += path.stat().st_size  # replaced when the new store is in place
+    if free < needed + margin:
+        raise StoreError(f"{path} needs {needed / 2**20:.1f} MiB but the disk has "
+                         f"{free / 2**20:.1f} MiB free: free space, capture fewer layers or "
+                         "rows, pool the maps (pool='mean'), or store float16")
+    if resource is not None:
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if soft != resource.RLIM_INFINITY and soft < needed + margin:
+            raise StoreError(f"{path} needs {needed / 2**20:.1f} MiB but this process may only "
+                             f"write files of {soft / 2**20:.1f} MiB (its file-size limit, "
+                             "ulimit -f): raise the limit, or capture less")
 
 
 def create_store(
@@ -99,43 +150,76 @@ def create_store(
     ------
     StoreError
         When the file cannot be made (a folder at ``path``, a parent that is a file, a
-        read-only folder, a full disk); nothing is left behind then.
+        read-only folder, a disk or file-size limit smaller than the whole store:
+        :func:`store_bytes`); nothing is left behind then.
     """
     path = Path(path)
     check_destination(path)
     tmp = path.with_name(path.name + ".creating")
-    pool_json = json.dumps(pool)
+    if path.parent.is_dir():
+        check_space(path, store_bytes(n, layers, dtype, gradients))
+    f = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update({
-                "format": FORMAT, "version": VERSION, "n_samples": n, "complete": False,
-                "layers": json.dumps(list(layers)), "dtype": dtype, "pool": pool_json,
-                "gradients": gradients,
-            })
-            f.attrs.update(attrs)
-            groups = ["activations", "maxima"] + (["gradients"] if gradients else [])
-            for g in groups:
-                f.create_group(g)
-            for name, row_shape in layers.items():
-                shape = (n, *row_shape)
-                rows = _chunk_rows(row_shape, np.dtype(dtype).itemsize, n)
-                for g in ["activations"] + (["gradients"] if gradients else []):
-                    ds = _create_fixed(f[g], name, shape, dtype, rows)
-                    ds.attrs["pool"] = pool_json
-                    ds.attrs["dtype"] = dtype
-                _create_fixed(f["maxima"], name, (n, row_shape[0]), "float32", _chunk_rows(
-                    row_shape[:1], 4, n))
-            _create_fixed(f, "index", (n,), "int64", _chunk_rows((), 8, n))
-            progress = _create_fixed(f, "progress", (), "int64", None)
-            progress[()] = 0
+        f = h5py.File(tmp, "w")
+        made = _lay_out(f, n, layers, dtype, pool, attrs, gradients)
+        f.close()  # with every dataset still referenced: closed by the file, not by GC
+        del made
         os.replace(tmp, path)
     except (OSError, RuntimeError, ValueError) as exc:
+        if f is not None:
+            _close_hard(f)
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
         raise io_error(path, "creating the store", exc) from exc
+
+
+def _lay_out(f: h5py.File, n: int, layers: dict[str, tuple[int, ...]], dtype: str, pool: Any,
+             attrs: dict[str, Any], gradients: bool) -> list[h5py.Dataset]:
+    """Write the schema into the new file ``f`` (every dataset allocated now); return the
+    datasets (kept referenced until the file is closed: a dataset handle dropped earlier
+    would be flushed by the garbage collector, where HDF5's errors are lost)."""
+    made = []
+    pool_json = json.dumps(pool)
+    f.attrs.update({
+        "format": FORMAT, "version": VERSION, "n_samples": n, "complete": False,
+        "layers": json.dumps(list(layers)), "dtype": dtype, "pool": pool_json,
+        "gradients": gradients,
+    })
+    f.attrs.update(attrs)
+    groups = ["activations", "maxima"] + (["gradients"] if gradients else [])
+    for g in groups:
+        f.create_group(g)
+    for name, row_shape in layers.items():
+        shape = (n, *row_shape)
+        rows = _chunk_rows(row_shape, np.dtype(dtype).itemsize, n)
+        for g in ["activations"] + (["gradients"] if gradients else []):
+            ds = _create_fixed(f[g], name, shape, dtype, rows)
+            ds.attrs["pool"] = pool_json
+            ds.attrs["dtype"] = dtype
+            made.append(ds)
+        made.append(_create_fixed(f["maxima"], name, (n, row_shape[0]), "float32",
+                                  _chunk_rows(row_shape[:1], 4, n)))
+    made.append(_create_fixed(f, "index", (n,), "int64", _chunk_rows((), 8, n)))
+    progress = _create_fixed(f, "progress", (), "int64", None)
+    progress[()] = 0
+    made.append(progress)
+    return made
+
+
+def _close_hard(f: h5py.File) -> None:
+    """Close ``f`` after a failure: when HDF5 cannot flush it (a full disk), close its handle
+    anyway, so that nothing is left for HDF5 to flush (and fail on) when the process exits."""
+    try:
+        f.close()
+    except (OSError, RuntimeError):
+        try:
+            if f.id.valid:
+                f.id.close()
+        except (OSError, RuntimeError):
+            pass
 
 
 # --------------------------------------------------------------------------- checking

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterator
@@ -141,10 +142,20 @@ class ActivationStore:
     @property
     def n_written(self) -> int:
         """Number of leading rows known to be written (``n_samples`` when complete)."""
-        return int(self._file["progress"][()])
+        with self._reading("/progress"):
+            return int(self._file["progress"][()])
 
     def __len__(self) -> int:
         return self.n_written
+
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """A read of ``what`` that fails (a damaged block, an I/O error) is a StoreError."""
+        try:
+            yield
+        except (OSError, RuntimeError) as exc:
+            raise StoreError(f"reading {what} of {self.path} failed ({type(exc).__name__}: "
+                             f"{exc}): the file is damaged; recapture it") from exc
 
     def _layer(self, group: str, layer: str) -> h5py.Dataset:
         if group not in self._file or layer not in self._file[group]:
@@ -167,12 +178,15 @@ class ActivationStore:
 
     def maxima(self, layer: str) -> np.ndarray:
         """Per-sample spatial maxima of every channel, ``(N, C)`` float32, read into memory."""
-        return self._layer("maxima", layer)[: self.n_written]
+        ds = self._layer("maxima", layer)
+        with self._reading(f"/maxima/{layer}"):
+            return ds[: self.n_written]
 
     @property
     def index(self) -> np.ndarray:
         """Dataset index of each written row, ``(N,)`` int64."""
-        return self._file["index"][: self.n_written]
+        with self._reading("/index"):
+            return self._file["index"][: self.n_written]
 
     def iter(
         self,
@@ -206,5 +220,6 @@ class ActivationStore:
         if not self.complete:
             log.warning("%s is incomplete: iterating its %d written rows", self.path, len(self))
         for start in range(0, len(self), batch_size):
-            block = ds[start : min(start + batch_size, len(self))]
+            with self._reading(ds.name):
+                block = ds[start : min(start + batch_size, len(self))]
             yield torch.from_numpy(block).to(dtype)
