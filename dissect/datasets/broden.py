@@ -13,17 +13,25 @@ Each category cell of ``index.csv`` is a ``;``-separated list (empty: the catego
 annotated on that image); a decimal number is an image-level label (it covers the whole image), a
 file name is a pixel-label PNG of ``sh x sw`` pixels whose label at each pixel is
 ``R + 256 * G``. A category may have several PNG planes (``..._part_1.png;..._part_2.png``).
+
+Every file is checked before it is trusted: CSV files must be UTF-8 (a byte-order mark is
+allowed), label numbers must fit the PNG encoding (at most 65535), sizes are bounded and checked
+against each PNG's header before anything is decoded or allocated, and paths in ``index.csv``
+must stay inside the folder. Whatever is wrong is a :class:`~dissect.DataError` that names the
+file and, for a CSV file, the line.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import operator
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,13 +42,30 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .concepts import Concept, rgb_to_tensor
+from .images import (
+    MAX_IMAGE_PIXELS,
+    PNG_SIGNATURE,
+    check_pixels,
+    decode_image,
+    header_size,
+    read_file_bytes,
+    read_utf8_text,
+    shown,
+)
 
 log = logging.getLogger(__name__)
 
 INDEX_COLUMNS = ("image", "split", "ih", "iw", "sh", "sw")
-_INT = re.compile(r"\d+")
-_NUMBERLIKE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-_CATEGORY_ENTRY = re.compile(r"([^()]+)\((\d+)\)")
+MAX_LABEL = 65535
+"""Largest label number: a label PNG holds ``R + 256 * G`` in two 8-bit channels."""
+MAX_PLANE_PIXELS = 1 << 26
+"""Largest pixel-label plane (``sh x sw``): 8192 x 8192, 512 MiB as int64."""
+MAX_ITEM_LABEL_PIXELS = 1 << 28
+"""Largest ``planes x sh x sw`` of one item: 2 GiB as int64."""
+_NUMBERLIKE = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
+_CATEGORY_ENTRY = re.compile(r"([^()]+)\(([0-9]{1,18})\)")
+_MISSING_HINT = (": a Broden folder needs index.csv, category.csv, label.csv and "
+                 "c_<category>.csv (download broden1_224, or write one with write_broden)")
 
 
 class BrodenLabel(NamedTuple):
@@ -88,26 +113,44 @@ def read_label_png(path: str | Path) -> np.ndarray:
     Raises
     ------
     DataError
-        If the file is missing, unreadable, or not an 8-bit RGB(A)/8- or 16-bit gray PNG.
+        If the file is missing, not a regular file, not a PNG, corrupt or truncated, larger than
+        :data:`MAX_PLANE_PIXELS` pixels, or not an 8-bit RGB(A)/8- or 16-bit gray PNG.
     """
-    return _read_label_plane(path).astype(np.int64)
+    return _read_label_plane(path, f"label PNG {shown(path)}").astype(np.int64)
 
 
-def _read_label_plane(path: str | Path) -> np.ndarray:
+def _read_label_plane(
+    path: str | Path, what: str, expect: tuple[int, int] | None = None
+) -> np.ndarray:
     """:func:`read_label_png` before the int64 cast: a uint8/uint16 array or a big-endian
-    uint16 view of the decoded bytes (cast once, when copied where it goes)."""
-    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        if not os.path.isfile(path):
-            raise DataError(f"label PNG {path} is missing")
-        raise DataError(f"label PNG {path} is not a readable image")
+    uint16 view of the decoded bytes (cast once, when copied where it goes).
+
+    The PNG header is checked first: its size must be ``expect`` (``sh x sw`` of the row), or
+    at most :data:`MAX_PLANE_PIXELS` pixels; only then is the file decoded."""
+    data = read_file_bytes(path, what)
+    if not data.startswith(PNG_SIGNATURE):
+        raise DataError(
+            f"{what} is not a PNG file"
+            f"{' (it is empty)' if not data else ''}; Broden label planes are PNGs with "
+            "label = R + 256 * G"
+        )
+    size = header_size(data, what)
+    if expect is None:
+        check_pixels(*size, what, MAX_PLANE_PIXELS)
+    elif size != expect:
+        raise DataError(f"{what} is {size[0]}x{size[1]}, but the row says sh x sw = "
+                        f"{expect[0]}x{expect[1]}")
+    arr = decode_image(data, cv2.IMREAD_UNCHANGED, what)
+    if arr.shape[:2] != size:
+        raise DataError(f"{what} decodes to {arr.shape[0]}x{arr.shape[1]} pixels, but its "
+                        f"header says {size[0]}x{size[1]}: the file is corrupt")
     if arr.ndim == 2 and arr.dtype in (np.uint8, np.uint16):
         return arr
     if arr.ndim == 3 and arr.shape[2] in (3, 4) and arr.dtype == np.uint8:
         # bytes G (channel 1), R (channel 2) side by side: big-endian G * 256 + R
         return arr[:, :, 1:3].view(">u2")[:, :, 0]
     raise DataError(
-        f"label PNG {path} has shape {arr.shape} and dtype {arr.dtype}; "
+        f"{what} has shape {arr.shape} and dtype {arr.dtype}; "
         "expected 8-bit RGB with label = R + 256 * G"
     )
 
@@ -134,44 +177,62 @@ def encode_label_png(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
-    """Yield ``(line number, row dict)`` of a CSV file, checking header and row lengths."""
-    if not path.is_file():
-        raise DataError(
-            f"{path} is missing: a Broden folder needs index.csv, category.csv, label.csv "
-            "and c_<category>.csv (download broden1_224, or write one with write_broden)"
-        )
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise DataError(f"{path} is empty: expected a header with columns {list(required)}")
-        header = [h.strip() for h in header]
-        missing = [c for c in required if c not in header]
-        if missing:
+def _short(text: str, limit: int = 60) -> str:
+    """``repr(text)`` for a message, cut to about ``limit`` characters."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    """The rows of a CSV file as ``(line number, row dict)``, header and rows checked."""
+    text = read_utf8_text(path, shown(path), _MISSING_HINT, "Broden CSV files are UTF-8")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        lines = [(reader.line_num, row) for row in reader if row]
+    except csv.Error as exc:
+        reason = str(exc)
+        if "field larger than field limit" in reason:
+            reason = (f"a field is longer than {csv.field_size_limit()} characters (a missing "
+                      "closing quote, or not a Broden CSV file)")
+        raise DataError(f"{path} line {reader.line_num}: {reason}") from None
+    if not lines:
+        raise DataError(f"{path} is empty: expected a header with columns {list(required)}")
+    if not text.endswith(("\n", "\r")):  # every Broden writer ends each line with a break
+        raise DataError(f"{path} line {lines[-1][0]}: the file ends inside this line (no line "
+                        "break after it): it may be cut short; if it is complete, end it with a "
+                        "line break")
+    line, header = lines[0]
+    header = [h.strip() for h in header]
+    columns = _short(",".join(header), 200)
+    duplicates = sorted(h for h, n in Counter(header).items() if n > 1)
+    if duplicates:
+        raise DataError(f"{path} line {line}: header {columns} names the columns {duplicates} "
+                        "more than once; a column must appear once")
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(f"{path} line {line}: header {columns} lacks the columns {missing}; is "
+                        "the file cut short, or not from this Broden folder?")
+    for line, row in lines[1:]:
+        if len(row) != len(header):
             raise DataError(
-                f"{path} line 1: header {header} lacks the columns {missing}; "
-                "is this a Broden folder?"
+                f"{path} line {line}: malformed row with {len(row)} fields, expected "
+                f"{len(header)} ({columns}); fix or remove the row"
             )
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise DataError(
-                    f"{path} line {reader.line_num}: malformed row with {len(row)} fields, "
-                    f"expected {len(header)} ({','.join(header)}); fix or remove the row"
-                )
-            yield reader.line_num, dict(zip(header, row, strict=True))
+    return [(line, dict(zip(header, row, strict=True))) for line, row in lines[1:]]
 
 
-def _parse_int(value: str, path: Path, line: int, column: str, minimum: int = 0) -> int:
+def _parse_int(
+    value: str, path: Path, line: int, column: str, minimum: int = 0, maximum: int = MAX_LABEL
+) -> int:
     value = value.strip()
-    if not _INT.fullmatch(value) or int(value) < minimum:
-        raise DataError(
-            f"{path} line {line}: malformed row: column {column!r} is {value!r}, "
-            f"expected an integer >= {minimum}"
-        )
-    return int(value)
+    # ASCII digits only, and few of them: int() of a 5000-digit string raises ValueError
+    if value.isascii() and value.isdigit() and len(value) < 20:
+        number = int(value)
+        if minimum <= number <= maximum:
+            return number
+    raise DataError(
+        f"{path} line {line}: malformed row: column {column!r} is {_short(value)}, "
+        f"expected an integer in [{minimum}, {maximum}]"
+    )
 
 
 def _parse_float(value: str, path: Path, line: int, column: str) -> float:
@@ -183,8 +244,23 @@ def _parse_float(value: str, path: Path, line: int, column: str) -> float:
     except ValueError:
         out = math.nan
     if not math.isfinite(out):
-        raise DataError(f"{path} line {line}: malformed row: column {column!r} is {value!r}")
+        raise DataError(
+            f"{path} line {line}: malformed row: column {column!r} is {_short(value)}"
+        )
     return out
+
+
+def _check_path(name: str, path: Path, line: int, column: str) -> None:
+    """Refuse a path of index.csv that is absolute or climbs out of images/ with '..'."""
+    problem = (  # (NUL characters never get here: read_utf8_text refuses NUL bytes)
+        "is an absolute path" if name[0] in "/\\" or name[1:2] == ":"
+        else "climbs out of the folder with '..'"
+        if ".." in name and ".." in re.split(r"[/\\]", name)
+        else None
+    )
+    if problem is not None:
+        raise DataError(f"{path} line {line}: {column} path {_short(name)} {problem}; paths in "
+                        "index.csv are relative to images/ and must stay inside the folder")
 
 
 class Broden(Dataset):
@@ -230,7 +306,13 @@ class Broden(Dataset):
     ------
     DataError
         For a missing or malformed file, an unknown split or category, or a label number that is
-        absent from ``label.csv``.
+        absent from ``label.csv``: a CSV file that is not UTF-8, cut short, with a missing or
+        repeated column, a row of the wrong length or a number out of range (label numbers
+        above 65535 cannot be stored in a label PNG); a path in ``index.csv`` that is absolute
+        or climbs out of the folder; sizes above :data:`MAX_IMAGE_PIXELS` /
+        :data:`MAX_PLANE_PIXELS`, or a PNG whose header disagrees with ``sh x sw`` (checked
+        before it is decoded); a directory, pipe or device where a file should be; a file the
+        OS refuses (its error is given), or one that is corrupt or truncated.
     """
 
     def __init__(
@@ -242,7 +324,8 @@ class Broden(Dataset):
     ) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise DataError(f"Broden folder {self.root} does not exist")
+            state = "is not a folder" if self.root.exists() else "does not exist"
+            raise DataError(f"Broden folder {shown(self.root)} {state}")
         self.transform = transform
         self.split = split
         self.labels = self._read_labels()
@@ -258,9 +341,9 @@ class Broden(Dataset):
             all_categories = [c for c in all_categories if c in keep]
         self.categories: list[str] = all_categories
         self.concepts: list[Concept] = self._read_concepts()
-        known_max = max([65535, *self.labels])
         self._images_dir = str(self.root / "images")
-        self._known = np.zeros(known_max + 1, dtype=bool)
+        self._index_shown = shown(self.root / "index.csv")
+        self._known = np.zeros(MAX_LABEL + 1, dtype=bool)  # every number a PNG can hold
         self._known[0] = True
         self._known[list(self.labels)] = True
         self._known_upto = np.logical_and.accumulate(self._known)  # all of 0..n known
@@ -272,7 +355,8 @@ class Broden(Dataset):
     def _read_labels(self) -> dict[int, BrodenLabel]:
         path = self.root / "label.csv"
         labels: dict[int, BrodenLabel] = {}
-        for line, row in _read_csv(path, ("number", "name", "category")):
+        for line, row in _read_csv(path, ("number", "name", "category", "frequency",
+                                          "coverage", "syns")):
             number = _parse_int(row["number"], path, line, "number")
             if number == 0:  # "-" placeholder, never a concept
                 continue
@@ -283,17 +367,18 @@ class Broden(Dataset):
                 match = _CATEGORY_ENTRY.fullmatch(entry)
                 if match is None:
                     raise DataError(
-                        f"{path} line {line}: malformed row: category {row['category']!r}; "
-                        "expected entries like 'material(36);object(3)'"
+                        f"{path} line {line}: malformed row: category "
+                        f"{_short(row['category'])}; expected entries like "
+                        "'material(36);object(3)'"
                     )
                 cats[match.group(1).strip()] = int(match.group(2))
             labels[number] = BrodenLabel(
                 number=number,
                 name=row["name"],
                 categories=cats,
-                frequency=_parse_float(row.get("frequency", ""), path, line, "frequency"),
-                coverage=_parse_float(row.get("coverage", ""), path, line, "coverage"),
-                syns=tuple(s for s in row.get("syns", "").split(";") if s),
+                frequency=_parse_float(row["frequency"], path, line, "frequency"),
+                coverage=_parse_float(row["coverage"], path, line, "coverage"),
+                syns=tuple(s for s in row["syns"].split(";") if s),
             )
         if not labels:
             raise DataError(f"{path} lists no labels")
@@ -304,8 +389,13 @@ class Broden(Dataset):
         names: list[str] = []
         for line, row in _read_csv(path, ("name",)):
             name = row["name"].strip()
-            if not name or name in INDEX_COLUMNS or name in names:
-                raise DataError(f"{path} line {line}: bad or repeated category name {name!r}")
+            if (not name or name in INDEX_COLUMNS or name in names
+                    or any(c in name for c in "/\\\0")):
+                raise DataError(
+                    f"{path} line {line}: bad or repeated category name {_short(name)} (a "
+                    "category name is a distinct word, without '/' or '\\', used in "
+                    "c_<category>.csv)"
+                )
             names.append(name)
         if not names:
             raise DataError(f"{path} lists no categories")
@@ -315,17 +405,22 @@ class Broden(Dataset):
         coverage: dict[int, list[tuple[float, int]]] = {}
         for position, cat in enumerate(self.categories):
             path = self.root / f"c_{cat}.csv"
-            for line, row in _read_csv(path, ("code", "number")):
-                _parse_int(row["code"], path, line, "code")
+            seen: set[int] = set()
+            # coverage decides each label's primary category: required, never assumed 0
+            for line, row in _read_csv(path, ("code", "number", "coverage")):
+                _parse_int(row["code"], path, line, "code", maximum=2**31 - 1)
                 number = _parse_int(row["number"], path, line, "number")
                 if number == 0:
                     continue
+                if number in seen:
+                    raise DataError(f"{path} line {line}: label number {number} appears twice")
+                seen.add(number)
                 if number not in self.labels:
                     raise DataError(
                         f"{path} line {line}: label {number} is not in label.csv; "
                         "the c_*.csv files and label.csv disagree"
                     )
-                cov = _parse_float(row.get("coverage", ""), path, line, "coverage")
+                cov = _parse_float(row["coverage"], path, line, "coverage")
                 coverage.setdefault(number, []).append((cov, position))
         for number, label in self.labels.items():  # listed in label.csv but in no c_ file
             if number not in coverage:
@@ -343,25 +438,24 @@ class Broden(Dataset):
         rows: list[_Row] = []
         zero_labels: dict[str, int] = {}
         seen_splits: set[str] = set()
-        checked_header = False
-        for line, row in _read_csv(path, INDEX_COLUMNS):
-            if not checked_header:
-                missing = [c for c in self.categories if c not in row]
-                if missing:
-                    raise DataError(
-                        f"{path} line 1: no column for the categories {missing} that "
-                        "category.csv lists"
-                    )
-                checked_header = True
+        table = _read_csv(path, (*INDEX_COLUMNS, *self.categories))
+        if not table:
+            raise DataError(f"{path} lists no images (only its header): is it cut short?")
+        for line, row in table:
             seen_splits.add(row["split"])
             if self.split is not None and row["split"] != self.split:
                 continue
             image = row["image"].strip()
             if not image:
                 raise DataError(f"{path} line {line}: malformed row: empty image path")
-            ih, iw, sh, sw = (
-                _parse_int(row[c], path, line, c, minimum=1) for c in ("ih", "iw", "sh", "sw")
-            )
+            _check_path(image, path, line, "image")
+            ih = _parse_int(row["ih"], path, line, "ih", 1, MAX_IMAGE_PIXELS)
+            iw = _parse_int(row["iw"], path, line, "iw", 1, MAX_IMAGE_PIXELS)
+            sh = _parse_int(row["sh"], path, line, "sh", 1, MAX_PLANE_PIXELS)
+            sw = _parse_int(row["sw"], path, line, "sw", 1, MAX_PLANE_PIXELS)
+            if ih * iw > MAX_IMAGE_PIXELS or sh * sw > MAX_PLANE_PIXELS:
+                raise DataError(f"{path} line {line}: ih x iw = {ih}x{iw} or sh x sw = {sh}x{sw} "
+                                f"is more than {MAX_IMAGE_PIXELS} or {MAX_PLANE_PIXELS} pixels")
             planes: list[tuple[str, str]] = []
             labels: list[tuple[str, int]] = []
             annotated: list[bool] = []
@@ -370,25 +464,30 @@ class Broden(Dataset):
                 for token in (t.strip() for t in row[cat].split(";")):
                     if not token:
                         continue
-                    if _INT.fullmatch(token):
-                        number = int(token)
+                    if token.isascii() and token.isdigit():
+                        digits = token.lstrip("0") or "0"
+                        number = int(digits) if len(digits) <= 5 else MAX_LABEL + 1
                         if number == 0:
                             zero_labels[cat] = zero_labels.get(cat, 0) + 1
                             continue
                         if number not in self.labels:
                             raise DataError(
-                                f"{path} line {line}: {cat} label {number} is not in label.csv; "
-                                "fix the row or add the label to label.csv"
+                                f"{path} line {line}: {cat} label {digits[:20]} is not in "
+                                "label.csv; fix the row or add the label to label.csv"
                             )
                         labels.append((cat, number))
                     elif _NUMBERLIKE.fullmatch(token):
                         raise DataError(
-                            f"{path} line {line}: malformed row: {cat} entry {token!r} is "
-                            "neither a label number nor a PNG file name"
+                            f"{path} line {line}: malformed row: {cat} entry {_short(token)} "
+                            "is neither a label number nor a PNG file name"
                         )
                     else:
+                        _check_path(token, path, line, cat)
                         planes.append((cat, token))
                 annotated.append(len(planes) + len(labels) > n_before)
+            if len(planes) * sh * sw > MAX_ITEM_LABEL_PIXELS:
+                raise DataError(f"{path} line {line}: {len(planes)} label planes of {sh}x{sw} "
+                                f"pixels are more than {MAX_ITEM_LABEL_PIXELS} pixel labels")
             rows.append(
                 _Row(image, row["split"], ih, iw, sh, sw, line, tuple(planes), tuple(labels),
                      tuple(annotated))
@@ -426,53 +525,49 @@ class Broden(Dataset):
     def read_image(self, i: int) -> np.ndarray:
         """The image of item ``i`` as an ``(ih, iw, 3)`` uint8 RGB array (no transform)."""
         row = self._rows[i]
-        path = self.root / "images" / row.image
-        where = f"{self.root / 'index.csv'} line {row.line}"
-        if not path.is_file():
-            raise DataError(f"{where}: image {path} is missing")
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise DataError(f"{where}: image {path} is not a readable image file")
+        what = f"{self._where(row)}: image {shown(os.path.join(self._images_dir, row.image))}"
+        data = read_file_bytes(os.path.join(self._images_dir, row.image), what)
+        # the header's size before decoding (EXIF may turn a JPEG: compare sides as a set)
+        size = header_size(data, what)
+        if size is not None and sorted(size) != sorted((row.ih, row.iw)):
+            raise DataError(f"{what} is {size[0]}x{size[1]}, but the row says ih x iw = "
+                            f"{row.ih}x{row.iw}")
+        bgr = decode_image(data, cv2.IMREAD_COLOR, what)
         if bgr.shape[:2] != (row.ih, row.iw):
-            raise DataError(
-                f"{where}: image {path} is {bgr.shape[0]}x{bgr.shape[1]}, but the row says "
-                f"ih x iw = {row.ih}x{row.iw}"
-            )
+            raise DataError(f"{what} is {bgr.shape[0]}x{bgr.shape[1]}, but the row says "
+                            f"ih x iw = {row.ih}x{row.iw}")
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
     def read_pixel_labels(self, i: int) -> np.ndarray:
         """The pixel-label planes of item ``i`` as a ``(P, sh, sw)`` int64 array."""
         row = self._rows[i]
-        out = np.empty((len(row.planes), row.sh, row.sw), dtype=np.int64)
+        if not row.planes:
+            return np.empty((0, row.sh, row.sw), dtype=np.int64)
+        out = None
         images = self._images_dir
+        shape = (row.sh, row.sw)
         for k, (cat, name) in enumerate(row.planes):
             path = os.path.join(images, name)
-            try:
-                plane = _read_label_plane(path)
-            except DataError as exc:
-                raise DataError(f"{self._where(row)}: {cat} {exc}") from None
-            if plane.shape != (row.sh, row.sw):
-                raise DataError(
-                    f"{self._where(row)}: {cat} label PNG {path} is {plane.shape[0]}x"
-                    f"{plane.shape[1]}, but the row says sh x sw = {row.sh}x{row.sw}"
-                )
+            # the PNG header is checked against sh x sw before decoding or allocating
+            plane = _read_label_plane(path, f"{self._where(row)}: {cat} label PNG {shown(path)}",
+                                      shape)
+            if out is None:
+                out = np.empty((len(row.planes), *shape), dtype=np.int64)
             out[k] = plane  # the one cast to int64
             plane = out[k]
-            top = int(plane.max())
             # every number up to the largest known (the usual case): nothing to look up
-            if top >= len(self._known) or not self._known_upto[top]:
+            if not self._known_upto[int(plane.max())]:  # a PNG holds at most MAX_LABEL
                 present = np.flatnonzero(np.bincount(plane.ravel()))
-                bad = [int(v) for v in present
-                       if v >= len(self._known) or not self._known[v]]
+                bad = [int(v) for v in present if not self._known[v]]
                 if bad:
                     raise DataError(
-                        f"{self._where(row)}: {cat} label PNG {path} holds label number(s) "
+                        f"{self._where(row)}: {cat} label PNG {shown(path)} holds label number(s) "
                         f"{bad[:10]} that label.csv does not list"
                     )
         return out
 
     def _where(self, row: _Row) -> str:
-        return f"{self.root / 'index.csv'} line {row.line}"
+        return f"{self._index_shown} line {row.line}"
 
     def annotations(self, i: int) -> dict[str, Any]:
         """Item ``i`` without its image: ``pixel_labels``, ``image_labels``, ``annotated``,
