@@ -7,6 +7,7 @@ dataset can be checkpointed, resumed and merged across processes. Nothing here a
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 
 from .errors import DissectError
+
+log = logging.getLogger(__name__)
 
 
 class Collective(Protocol):
@@ -157,31 +160,47 @@ def exact_quantiles(
     memory_values: int = 64_000_000,
     device: str | torch.device = "cpu",
     collective: Collective | None = None,
-) -> np.ndarray:
-    """Exact ``numpy.quantile(values[r], level)`` of every row over a stream of batches.
+    return_nonfinite: bool = False,
+    on_nonfinite: Callable[[int, torch.Tensor], None] | None = None,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Exact quantile of every row's finite values over a stream of batches.
 
     The values of row ``r`` are all columns of all batches; ``batches()`` is called for each
-    pass and must yield the same ``(rows, m_i)`` tensors each time. For the high levels
-    Network Dissection uses (0.995) one pass keeping each row's top values suffices; when those
-    would exceed ``memory_values`` values in total, a radix selection over the values'
-    32-bit keys finds the two order statistics in three passes with ``rows * 2048`` counters
-    (bounded memory, still exact, ties included). NaNs are not supported.
+    pass and must yield the same ``(rows, m_i)`` tensors each time. Non-finite values (NaN,
+    ``+inf``, ``-inf``) are left out: the result is the quantile of the row's finite values,
+    equal to ``numpy.nanquantile(np.where(np.isfinite(v), v, np.nan), level)`` (numpy's
+    default ``"linear"`` method; ``numpy.quantile(v, level)`` when every value is finite), bit
+    for bit. A row with no finite value at all gets ``+inf``: nothing exceeds it, so a
+    threshold taken from it marks nothing active. Such rows, and every non-finite value, are
+    counted; without ``return_nonfinite`` a warning says how many there were (with it, saying
+    so is the caller's job).
+
+    For the high levels Network Dissection uses (0.995) one pass keeping each row's top values
+    suffices; when those would exceed ``memory_values`` values in total, a radix selection over
+    the values' 32-bit keys finds the two order statistics in three passes with
+    ``rows * 4096`` counters (bounded memory, still exact, ties included).
+
+    Non-finite values cost nothing on finite data: the top-values path checks one sum per batch
+    (a NaN or an infinity makes it non-finite; only then are the rows' sums and values
+    examined, and the non-finite ones replaced by ``-inf``, below every kept value that can
+    matter); the radix path finds them in its first histogram, where they fall in digits no
+    finite value has, and leaves them out of the selection.
 
     Across processes (``collective``), each rank streams its own part of the values and
     ``n`` counts all ranks' values. Each rank keeps its own ``k`` largest values per row; the
     order statistics of the union are then found by a 16-way search over the 32-bit keys,
     summing the ranks' counts of kept values above each probe (8 all-reduces of
-    ``(2, rows, 15)`` int64, see :func:`_merged_order_stats`); the radix path sums the ranks'
-    digit histograms before choosing each digit. Both select the same order statistics as one
-    process, so the result is bit for bit the same, and no rank ever holds another rank's
-    values.
+    ``(2, rows, 15)`` int64, see :func:`_merged_order_stats`; one more sums the non-finite
+    counts); the radix path sums the ranks' digit histograms before choosing each digit. Both
+    select the same order statistics as one process, so the result is bit for bit the same,
+    and no rank ever holds another rank's values.
 
     Parameters
     ----------
     batches
         Returns a fresh iterable of ``(rows, m)`` tensors (values in their stored dtype).
     rows, n
-        Number of rows and of values per row in total.
+        Number of rows and of values per row in total (non-finite ones included).
     level
         Quantile level (``1 - quantile`` in NetDissect's terms).
     dtype
@@ -193,52 +212,147 @@ def exact_quantiles(
     collective
         The process group of a multi-process run (every rank calls this together), or
         ``None``.
+    return_nonfinite
+        Also return the number of non-finite values of each row (over all ranks).
+    on_nonfinite
+        Called during the first pass as ``on_nonfinite(i, batch)`` for each batch ``i`` (0, 1,
+        ... in the order ``batches()`` yields them) that holds a non-finite value, with that
+        batch as yielded (as float32, on ``device``), e.g. to find out where the values came
+        from without a check of one's own (it may also be called for a batch of finite values
+        whose sum overflows). Only this rank's batches.
 
     Returns
     -------
     numpy.ndarray
-        ``(rows,)`` quantiles, equal to ``numpy.quantile`` on the full data.
+        ``(rows,)`` quantiles of the finite values (``+inf`` for a row without one).
+    numpy.ndarray
+        Only with ``return_nonfinite``: ``(rows,)`` int64 counts of non-finite values.
     """
-    lo, hi, gamma = quantile_ranks(n, level)
-    k = n - lo  # the order statistics lo and hi are among the k largest
+    lo, _, _ = quantile_ranks(n, level)
+    k = n - lo  # the order statistics lo and hi (of f <= n finite values) are among the k
+    # largest: f - floor((f - 1) * level) grows with f
     if rows * k <= memory_values:
         top = TopK(rows, k, device=device, dtype=torch.float32)
-        for batch in batches():
-            top.add(batch.to(device, torch.float32))
-        ranked = top.result()  # descending: ascending rank r is column n - 1 - r
-        if collective is not None:  # ascending rank r: n - r values are >= it
-            a, b = _merged_order_stats(ranked, (n - lo, n - hi), collective)
-            return lerp_like_numpy(a.astype(dtype), b.astype(dtype), gamma)
-        a = ranked[:, n - 1 - lo].cpu().numpy().astype(dtype)
-        b = ranked[:, n - 1 - hi].cpu().numpy().astype(dtype)
-        return lerp_like_numpy(a, b, gamma)
-    a, b = _radix_order_stats(batches, rows, (lo, hi), device, collective)
-    return lerp_like_numpy(a.astype(dtype), b.astype(dtype), gamma)
+        bad = torch.zeros(rows, dtype=torch.int64, device=device)
+        for i, batch in enumerate(batches()):
+            batch = batch.to(device, torch.float32)
+            top.add(_exclude_nonfinite(batch, bad, on_nonfinite, i))
+        ranked = top.result()  # descending; non-finite values are -inf here
+        if collective is not None:
+            bad = collective.all_sum(bad)
+        bad_np = bad.cpu().numpy().astype(np.int64)
+        lo_r, hi_r = _finite_ranks(n - bad_np, level)
+        finite = n - bad_np
+        if collective is not None:  # ascending rank r of f finite values: the (f - r)-th
+            counts = np.stack([finite - lo_r, finite - hi_r])  # largest of the union
+            a, b = _merged_order_stats(ranked, counts, collective)
+        else:  # ascending rank r of a row's f finite values: column f - 1 - r (descending)
+            if top.count != n:
+                raise DissectError(f"exact_quantiles: the batches hold {top.count} values per "
+                                   f"row, not n={n}")
+            cols = np.stack([finite - 1 - lo_r, finite - 1 - hi_r], axis=1)
+            cols = torch.from_numpy(np.maximum(cols, 0)).to(ranked.device)  # -1: no finite
+            picked = ranked.gather(1, cols).cpu().numpy()
+            a, b = picked[:, 0], picked[:, 1]
+    else:
+        a, b, bad_np = _radix_order_stats(batches, rows, n, level, device, collective,
+                                          on_nonfinite)
+    out = _interpolate(a, b, n - bad_np, level, np.dtype(dtype))
+    if return_nonfinite:
+        return out, bad_np
+    if bad_np.any():
+        empty = np.flatnonzero(bad_np == n)
+        log.warning(
+            "exact_quantiles: %d non-finite values in %d of %d rows were left out (quantiles "
+            "of the finite values)%s", int(bad_np.sum()), int(np.count_nonzero(bad_np)), rows,
+            (f"; row {_listing(empty)} has no finite value: its quantile is +inf"
+             if len(empty) == 1 else
+             f"; rows {_listing(empty)} have no finite value: their quantile is +inf"
+             if len(empty) else ""))
+    return out
+
+
+def _listing(items: np.ndarray, most: int = 5) -> str:
+    """``"3, 17, 20"``, or ``"3, 17, 20, 21, 22 and 7 more"``."""
+    shown = ", ".join(str(int(i)) for i in items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def _exclude_nonfinite(batch: torch.Tensor, bad: torch.Tensor,
+                       on_nonfinite: Callable[[int, torch.Tensor], None] | None = None,
+                       i: int = 0) -> torch.Tensor:
+    """``batch`` with its non-finite values replaced by ``-inf`` (a copy when there are any),
+    adding each row's count of them to ``bad`` (and calling ``on_nonfinite(i, batch)``).
+
+    One sum finds the batches that may hold one (a NaN or an infinity makes the sum non-finite;
+    so may a finite overflow, which the exact check below then clears): on finite data that is
+    the whole cost. Then one sum per row finds the rows to examine.
+    """
+    if batch.numel() == 0 or bool(torch.isfinite(batch.sum())):
+        return batch
+    suspect = ~torch.isfinite(batch.sum(dim=1))
+    if not bool(suspect.any()):
+        return batch
+    idx = torch.nonzero(suspect).squeeze(1)
+    sub = batch.index_select(0, idx)
+    mask = ~torch.isfinite(sub)
+    counts = mask.sum(dim=1)
+    if on_nonfinite is not None and bool(counts.any()):
+        on_nonfinite(i, batch)
+    bad.index_add_(0, idx, counts)
+    return batch.index_copy(0, idx, sub.masked_fill_(mask, -math.inf))
+
+
+def _finite_ranks(finite: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the ascending ranks ``lo, hi`` of :func:`quantile_ranks` among its ``finite``
+    values (``0, 0`` for a row without any)."""
+    lo = np.zeros(len(finite), dtype=np.int64)
+    hi = np.zeros(len(finite), dtype=np.int64)
+    for f in np.unique(finite[finite > 0]):
+        rows = finite == f
+        lo[rows], hi[rows], _ = quantile_ranks(int(f), level)
+    return lo, hi
+
+
+def _interpolate(a: np.ndarray, b: np.ndarray, finite: np.ndarray, level: float,
+                 dtype: np.dtype) -> np.ndarray:
+    """numpy's linear interpolation between each row's order statistics ``a <= b``, with the
+    weight of its own number of ``finite`` values (``+inf`` where there are none)."""
+    out = np.full(len(finite), np.inf, dtype=dtype)
+    for f in np.unique(finite[finite > 0]):  # one group when every value is finite
+        rows = finite == f
+        _, _, gamma = quantile_ranks(int(f), level)
+        out[rows] = lerp_like_numpy(np.asarray(a)[rows].astype(dtype),
+                                    np.asarray(b)[rows].astype(dtype), gamma)
+    return out
 
 
 MERGE_BITS = 4  # key bits settled per all-reduce when merging the ranks' top values
 
 
 def _merged_order_stats(
-    top: torch.Tensor, counts: tuple[int, ...], collective: Collective
+    top: torch.Tensor, counts: np.ndarray, collective: Collective
 ) -> tuple[np.ndarray, ...]:
     """Order statistics of the union of all ranks' values from each rank's largest values.
 
     ``top`` holds this rank's ``m`` largest values of each row (all of them when it has fewer
-    than ``k``, where ``k >= max(counts)``). For each ``c`` in ``counts`` the result is the
-    ``c``-th largest value of the union: the largest key ``t`` with at least ``c`` values
-    ``>= t`` over all ranks, found by a ``2**MERGE_BITS``-way search on the 32-bit keys (each
-    round splits the remaining key interval into 16 and keeps the part holding ``t``). A
-    rank's count of its kept values ``>= t`` is exact when below ``k``; when it is ``k`` the
-    rank's true count is at least ``k >= c``, so the summed counts decide every probe exactly
-    as the full data would (ties included).
+    than ``k``, where ``k >= counts.max()``). ``counts`` is ``(stats, rows)``: for each
+    ``c = counts[i, r]`` the result's ``i``-th array holds, for row ``r``, the ``c``-th
+    largest value of the union: the largest key ``t`` with at least ``c`` values ``>= t``
+    over all ranks, found by a ``2**MERGE_BITS``-way search on the 32-bit keys (each round
+    splits the remaining key interval into 16 and keeps the part holding ``t``). A rank's
+    count of its kept values ``>= t`` is exact when below ``k``; when it is ``k`` the rank's
+    true count is at least ``k >= c``, so the summed counts decide every probe exactly as the
+    full data would (ties included). Non-finite values kept as ``-inf`` (see
+    :func:`exact_quantiles`) sit below every ``c``-th largest finite value and change no count
+    that matters.
     """
     device = top.device
     keys = sortable_keys(top).sort(dim=1).values  # ascending, (rows, m)
     rows, m = keys.shape
     stats = len(counts)
     ways = 1 << MERGE_BITS
-    need = torch.tensor(counts, dtype=torch.int64, device=device)[:, None, None]
+    need = torch.as_tensor(np.asarray(counts, dtype=np.int64), device=device)[:, :, None]
     steps = torch.arange(1, ways, dtype=torch.int64, device=device)
     low = torch.zeros(stats, rows, dtype=torch.int64, device=device)  # at least c values >= low
     width = 1 << 32  # ... and fewer than c values >= low + width
@@ -257,10 +371,15 @@ def _merged_order_stats(
 
 
 RADIX_DIGITS = ((21, 11), (10, 11), (0, 10))  # (shift, bits) of a 32-bit key, high first
+# top digits (key >> 21) of the non-finite values: [0, 4) holds -inf (3) and NaNs with the
+# sign bit set, [2044, 2048) +inf (2044) and the other NaNs; every finite float32 lies in
+# [4, 2044) (-FLT_MAX: key 0x00800000, FLT_MAX: 0xFF7FFFFF)
+NONFINITE_TOP_DIGITS = (4, 2044)
 
 
 def sortable_keys(values: torch.Tensor) -> torch.Tensor:
-    """Map float32 values to int64 keys in [0, 2**32) with the same order (NaN excluded)."""
+    """Map float32 values to int64 keys in [0, 2**32) with the same order (NaN excluded: its
+    keys lie above ``+inf``'s, or below ``-inf``'s when its sign bit is set)."""
     bits = values.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
     flipped = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: reverse order
     return flipped + (1 << 31)
@@ -276,44 +395,66 @@ def key_to_float(keys: np.ndarray) -> np.ndarray:
 def _radix_order_stats(
     batches: Callable[[], Iterable[torch.Tensor]],
     rows: int,
-    ranks: tuple[int, int],
+    n: int,
+    level: float,
     device: str | torch.device,
     collective: Collective | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Order statistics at ascending ``ranks`` of each row by radix selection (3 passes).
+    on_nonfinite: Callable[[int, torch.Tensor], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two order statistics of :func:`quantile_ranks` of each row's finite values by radix
+    selection (three passes), and each row's number of non-finite values.
 
     Each pass histograms the next digit of the values' order-preserving 32-bit keys among the
-    values whose higher digits match the prefix found so far; memory is ``rows * 2048`` counts
-    per rank, whatever the data size. Exact, including ties. With ``collective`` the
-    histograms of all processes are summed (exact int64) before each digit is chosen.
+    values whose higher digits match the prefix found so far (both order statistics from the
+    same pass); memory is ``rows * 4096`` counts per rank, whatever the data size. Exact,
+    including ties. Non-finite values have top digits no finite value has
+    (:data:`NONFINITE_TOP_DIGITS`): the first histogram counts them and then drops them, so the
+    ranks are taken among each row's finite values and no later digit can match them. With
+    ``collective`` the histograms of all processes are summed (exact int64) before each digit
+    is chosen. ``on_nonfinite`` (see :func:`exact_quantiles`) costs one sum per batch of the
+    first pass.
     """
     row_ids = torch.arange(rows, device=device)
-    results = []
-    for rank in ranks:
-        prefix = torch.zeros(rows, dtype=torch.int64, device=device)  # high digits found so far
-        below = torch.zeros(rows, dtype=torch.int64, device=device)  # values under the prefix
-        for level, (shift, bits) in enumerate(RADIX_DIGITS):
-            size = 1 << bits
-            counts = torch.zeros(rows * size, dtype=torch.int64, device=device)
-            for batch in batches():
-                keys = sortable_keys(batch.to(device))
-                if level == 0:
-                    match = torch.ones_like(keys, dtype=torch.bool)
-                else:
-                    high_shift = shift + bits
-                    match = (keys >> high_shift) == prefix[:, None]
-                digit = (keys >> shift) & (size - 1)
-                flat = (row_ids[:, None] * size + digit)[match]
-                counts += torch.bincount(flat, minlength=rows * size)
-            if collective is not None:
-                counts = collective.all_sum(counts)
-            cum = below[:, None] + counts.view(rows, size).cumsum(dim=1)
-            target = torch.full((rows, 1), rank, dtype=torch.int64, device=device)
-            chosen = torch.searchsorted(cum, target, right=True)[:, 0]
-            before = torch.where(
-                chosen > 0, cum.gather(1, (chosen - 1).clamp(min=0)[:, None])[:, 0], below
-            )
-            below = before
-            prefix = (prefix << bits) | chosen
-        results.append(key_to_float(prefix.cpu().numpy()))
-    return results[0], results[1]
+    stats = 2
+    prefix = torch.zeros(stats, rows, dtype=torch.int64, device=device)  # high digits so far
+    below = torch.zeros(stats, rows, dtype=torch.int64, device=device)  # values under prefix
+    target = below
+    bad = np.zeros(rows, dtype=np.int64)
+    for depth, (shift, bits) in enumerate(RADIX_DIGITS):
+        size = 1 << bits
+        parts = 1 if depth == 0 else stats  # the first digit's histogram serves both
+        counts = torch.zeros(parts * rows * size, dtype=torch.int64, device=device)
+        for i, batch in enumerate(batches()):
+            batch = batch.to(device, torch.float32)
+            keys = sortable_keys(batch)
+            flat = row_ids[:, None] * size + ((keys >> shift) & (size - 1))
+            if depth == 0:
+                counts += torch.bincount(flat.reshape(-1), minlength=rows * size)
+                if on_nonfinite is not None and not bool(torch.isfinite(batch.sum())):
+                    on_nonfinite(i, batch)
+                continue
+            high = keys >> (shift + bits)
+            for i in range(stats):
+                counts[i * rows * size : (i + 1) * rows * size] += torch.bincount(
+                    flat[high == prefix[i, :, None]], minlength=rows * size)
+        if collective is not None:
+            counts = collective.all_sum(counts)
+        counts = counts.view(parts, rows, size)
+        if depth == 0:  # count the non-finite values, leave them out, rank the finite ones
+            low_end, high_start = NONFINITE_TOP_DIGITS
+            bad = (counts[0, :, :low_end].sum(dim=1)
+                   + counts[0, :, high_start:].sum(dim=1)).cpu().numpy()
+            counts[0, :, :low_end] = 0
+            counts[0, :, high_start:] = 0
+            lo, hi = _finite_ranks(n - bad, level)
+            target = torch.from_numpy(np.stack([lo, hi])).to(device)
+            counts = counts.expand(stats, rows, size)
+        cum = below[:, :, None] + counts.cumsum(dim=2)
+        chosen = torch.searchsorted(cum, target[:, :, None], right=True)[:, :, 0]
+        chosen = chosen.clamp_(max=size - 1)  # only a row without finite values goes past
+        below = torch.where(
+            chosen > 0, cum.gather(2, (chosen - 1).clamp(min=0)[:, :, None])[:, :, 0], below
+        )
+        prefix = (prefix << bits) | chosen
+    a, b = (key_to_float(prefix[i].cpu().numpy()) for i in range(stats))
+    return a, b, bad

@@ -160,3 +160,37 @@ def test_flat_nonzero_equals_torch_nonzero(n, threads):
         assert torch.equal(got, torch.nonzero(mask).squeeze(1))
     finally:
         torch.set_num_threads(before)
+
+
+def test_non_finite_upsampled_pixels_are_never_active():
+    # +inf exceeds any threshold, yet a pixel whose upsampled value is not finite is never
+    # active; maps of huge finite values (where float32 upsampling may overflow) are settled
+    # by F.interpolate too
+    g = torch.Generator().manual_seed(5)
+    maps = torch.randn(2, 5, 6, 6, generator=g)
+    maps[0, 0, 2:4, 2:4] = float("inf")
+    maps[0, 1, 0, 0] = float("inf")
+    maps[1, 2, 5, 5] = float("nan")
+    maps[1, 3] = maps[1, 3] * 3e38  # overflows to +-inf in places when upsampled
+    maps[1, 4] = maps[1, 4] * 1e38
+    thr = torch.tensor([-5.0, -5.0, -5.0, 0.0, 1e38])
+    size = (23, 17)
+    up = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    dense = active_mask_dense(maps, thr, size)
+    torch.testing.assert_close(dense, (up > thr.view(1, -1, 1, 1)) & torch.isfinite(up))
+    assert bool(((up > thr.view(1, -1, 1, 1)) & ~dense).any())  # inf pixels: left out
+    assert not bool(dense[~torch.isfinite(up)].any())
+    torch.testing.assert_close(_sparse_as_dense(maps, thr, size), dense)
+
+
+def test_finite_maps_whose_upsampling_overflows():
+    # values a hair below float32's largest: a few upsampled pixels round to +inf, and those
+    # are not active (the maps are settled by F.interpolate, as maps holding an infinity)
+    big = torch.finfo(torch.float32).max
+    g = torch.Generator().manual_seed(0)
+    maps = big * (1 - torch.rand(5, 8, 5, 6, generator=g) * 1e-6)
+    up = F.interpolate(maps, size=(23, 17), mode="bilinear", align_corners=False)
+    assert bool(torch.isfinite(maps).all()) and not bool(torch.isfinite(up).all())
+    thr = torch.zeros(8)
+    torch.testing.assert_close(_sparse_as_dense(maps, thr, (23, 17)),
+                               active_mask_dense(maps, thr, (23, 17)))

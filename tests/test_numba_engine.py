@@ -156,3 +156,34 @@ def test_kernels_compile_where_numba_cannot_cache(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["16", "16", "16"]
+
+
+def test_counts_with_infinities_and_huge_values_equal_dense_reference():
+    # pixels whose upsampled value is +inf (above any threshold), NaN or -inf are never
+    # active; maps of huge finite values are settled whole like maps holding an infinity
+    g = torch.Generator().manual_seed(9)
+    maps = torch.randn(4, 5, 6, 7, generator=g)
+    maps[0, 0, 1:3, 1:3] = float("inf")
+    maps[1, 1, 0, :] = float("-inf")
+    maps[2, 2, 3, 3] = float("nan")
+    maps[3, 3] = maps[3, 3] * 3e38
+    maps[0, 4] = maps[0, 4] * 1e38
+    thr = torch.tensor([-3.0, -3.0, 0.0, 0.5, 1e37])
+    labels = _labels(g, 4, 2, 29, 31, 7)
+    _check(maps, thr, labels, torch.tensor([0, 1, 0, 2, 3, 0, 4]), 4, threads=2)
+    concepts = [Concept(1, "red", "color"), Concept(3, "edge", "part")]
+    tallies = {e: IoUTally(5, concepts, ["color", "part"], engine=e) for e in ("numba", "torch")}
+    for t in tallies.values():
+        t.add(maps, thr, labels, torch.zeros(4, 1, dtype=torch.int64),
+              torch.ones(4, 2, dtype=torch.bool))
+    for key, value in tallies["numba"].state_dict().items():
+        assert torch.equal(value, tallies["torch"].state_dict()[key]), key
+
+
+def test_finite_maps_whose_upsampling_overflows():
+    big = torch.finfo(torch.float32).max
+    g = torch.Generator().manual_seed(0)
+    maps = big * (1 - torch.rand(5, 8, 5, 6, generator=g) * 1e-6)
+    up = F.interpolate(maps, size=(23, 17), mode="bilinear", align_corners=False)
+    assert not bool(torch.isfinite(up).all())  # a few pixels round to +inf
+    _check(maps, torch.zeros(8), _labels(g, 5, 2, 23, 17, 7), torch.arange(7), 6, threads=2)

@@ -62,3 +62,38 @@ def test_topk_add_merge_state():
     expected = data.sort(dim=1, descending=True).values[:, :7]
     torch.testing.assert_close(restored.result(), expected, rtol=0, atol=0)
     assert restored.count == 5000
+
+
+def test_nonfinite_keys_fall_in_their_own_top_digits():
+    # the radix path drops the non-finite values by their top digit: none is a finite one's
+    from dissect.stats import NONFINITE_TOP_DIGITS, RADIX_DIGITS
+
+    shift = RADIX_DIGITS[0][0]
+    low_end, high_start = NONFINITE_TOP_DIGITS
+    bad = torch.tensor([np.inf, -np.inf, np.nan, -np.nan], dtype=torch.float32)
+    bad = torch.cat([bad, torch.tensor([0x7F800001, 0x7FFFFFFF, -1, -0x7FFFFF],
+                                       dtype=torch.int32).view(torch.float32)])  # NaN bits
+    assert bool(torch.isnan(bad[4:]).all())
+    top = sortable_keys(bad) >> shift
+    assert bool(((top < low_end) | (top >= high_start)).all())
+    big = np.finfo(np.float32).max
+    tiny = np.finfo(np.float32).smallest_subnormal
+    finite = torch.tensor([-big, -1.0, -tiny, 0.0, tiny, 1.0, big], dtype=torch.float32)
+    top = sortable_keys(finite) >> shift
+    assert bool(((top >= low_end) & (top < high_start)).all())
+
+
+def test_radix_path_reads_the_batches_three_times():
+    data = np.random.default_rng(3).standard_normal((3, 500)).astype(np.float32)
+    data[1, ::7] = np.nan
+    calls = []
+    batches = _batches(data, 128)
+
+    def counted():
+        calls.append(1)
+        return batches()
+
+    got = exact_quantiles(counted, 3, 500, 0.99, memory_values=1)
+    assert len(calls) == 3  # one pass per digit, both order statistics at once
+    finite = [row[np.isfinite(row)] for row in data]
+    np.testing.assert_array_equal(got, [np.quantile(f, 0.99) for f in finite])

@@ -2,12 +2,19 @@
 
 For every unit ``k`` of a layer and concept ``c`` of a :class:`~dissect.datasets.ConceptDataset`:
 
-- ``T_k`` is the ``(1 - quantile)`` quantile of all raw activations of unit ``k`` over the dataset
-  (every position of every image), equal to ``numpy.quantile(values, 1 - quantile)``: exact
-  (:func:`dissect.stats.exact_quantiles`), not a sketch.
+- ``T_k`` is the ``(1 - quantile)`` quantile of the finite raw activations of unit ``k`` over
+  the dataset (every position of every image; NaN, ``+inf`` and ``-inf`` left out), equal to
+  ``numpy.nanquantile(np.where(np.isfinite(values), values, np.nan), 1 - quantile)``
+  (``numpy.quantile`` when all are finite): exact (:func:`dissect.stats.exact_quantiles`), not
+  a sketch. A unit with no finite value has ``T_k = +inf``: never active, never a detector.
 - Each map is upsampled to the segmentation size by bilinear interpolation
-  (``align_corners=False``); active pixels are those ``> T_k``
-  (:func:`.active_pixels.active_pixels`, exact and sparse).
+  (``align_corners=False``, ``F.interpolate``); active pixels are those whose upsampled value
+  ``up`` is finite and ``> T_k`` (:func:`.active_pixels.active_pixels`, exact and sparse;
+  :func:`.active_pixels.active_mask_dense` is the dense reference). A pixel whose interpolation
+  reads a non-finite value is NaN or infinite there, so it is never active.
+- Non-finite activations are counted while the thresholds are computed; :func:`dissect` logs
+  one warning per affected layer (count, NaN/+inf/-inf, first rows, units without a finite
+  value) and records the counts in ``DissectionResult.meta["nonfinite"]``.
 - ``I[k, c]`` sums ``|active_k AND mask_c|``, ``A[k, cat]`` sums the active area over images on
   which category ``cat`` is annotated, ``L[c]`` the area of concept ``c``; an image-level label
   covers its whole image. ``IoU[k, c] = I / (A[k, cat(c)] + L[c] - I)`` with ``cat(c)`` the

@@ -1,24 +1,29 @@
 """Which pixels of a bilinearly upsampled activation map exceed a threshold, sparsely and exactly.
 
 Network Dissection upsamples each unit's map to the segmentation size and keeps the pixels above
-the unit's threshold: the top 0.5%, so a sparse set. A bilinear value is a convex combination of
+the unit's threshold: the top 0.5%, so a sparse set. A pixel is active when its upsampled value is
+finite and above ``T``: a pixel whose interpolation reads a NaN or an infinity is never active (its
+value is NaN or infinite; PyTorch's kernels multiply a neighbour even by a zero weight, so at a
+non-finite value's zero-weight neighbours, e.g. along clamped borders, the value is NaN too, unless
+the size is unchanged and ``F.interpolate`` copies). A bilinear value is a convex combination of
 the four corner values of its cell, so it can only exceed ``T`` inside cells whose largest corner
 does; only those cells are visited (a few percent of the image area). Within such a cell and one
 output row the value is linear in the column weight, so the row's active pixels are one interval
-computed in closed form: the work is per cell row (:func:`active_intervals` returns the
-intervals; :func:`active_pixels` expands them), and the interval's ends are counted on the
-regular coordinate grid in closed form too (:func:`_count_keys`, no binary search). Values are
-computed in float64 and compared with a margin that bounds any float32 implementation's rounding
-(the weights' error grows with the input size), widened by a relative 2**-20 so that float64
-rounding (~1e-16 of the values) can never matter: a pixel computed exactly on a bound may go
-either way. The rare pixels inside the margin are settled by ``F.interpolate`` itself (and so
-is every pixel of a map holding a NaN or an infinity, where no margin is meaningful), so the
-result always equals
-``F.interpolate(maps, size, mode="bilinear", align_corners=False) > T`` exactly, on any device.
-PyTorch's CPU kernel rounds differently for some shapes (a ``(K, 1, h, w)`` call can differ from
-a ``(1, K, h, w)`` one in the last bit; a per-image call matches the whole batch), so settling
-upsamples only the affected maps when a one-time check on the layer's first image shows single
-maps round like whole images, and the affected images' full ``(1, K, h, w)`` tensors otherwise.
+computed in closed form: the work is per cell row (:func:`active_intervals` returns the intervals;
+:func:`active_pixels` expands them), and the interval's ends are counted on the regular coordinate
+grid in closed form too (:func:`_count_keys`, no binary search). Values are computed in float64 and
+compared with a margin that bounds any float32 implementation's rounding (the weights' error grows
+with the input size), widened by a relative 2**-20 so that float64 rounding (~1e-16 of the values)
+can never matter: a pixel computed exactly on a bound may go either way. The rare pixels inside the
+margin are settled by ``F.interpolate`` itself (:func:`settle`), and so is every pixel of a map
+holding a NaN or an infinity, or a value of magnitude ``>= HUGE`` (where float32 upsampling may
+overflow): no margin is meaningful there. So the result always equals :func:`active_mask_dense`,
+``(up > T) & isfinite(up)`` with ``up = F.interpolate(maps, size, mode="bilinear",
+align_corners=False)``, exactly, on any device. PyTorch's CPU kernel rounds differently for some
+shapes (a ``(K, 1, h, w)`` call can differ from a ``(1, K, h, w)`` one in the last bit; a per-image
+call matches the whole batch), so settling upsamples only the affected maps when a one-time check
+on the layer's first image shows single maps round like whole images, and the affected images' full
+``(1, K, h, w)`` tensors otherwise.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 EPS32 = 2.0**-23
+HUGE = 2.0**126  # maps reaching this magnitude are settled whole (float32 sums may overflow)
 CHUNK_PIXELS = 1 << 16  # cell rows per step
 
 
@@ -183,8 +189,9 @@ def active_pixels(
     -------
     b, k, y, x
         1-D long tensors: the pixels where
-        ``F.interpolate(maps, size, mode="bilinear", align_corners=False)[b, k, y, x] > T[k]``,
-        exactly that set (in no particular order).
+        ``up = F.interpolate(maps, size, mode="bilinear", align_corners=False)[b, k, y, x]``
+        is finite and ``up > T[k]``, exactly that set (in no particular order;
+        :func:`active_mask_dense` is the dense reference).
     """
     b, k, y, x0, x1 = active_intervals(maps, thresholds, size, cache)
     owner, x = spans(x0, x1 - x0)
@@ -228,11 +235,11 @@ def active_intervals(
     scale = torch.maximum(high.abs(), low.abs())  # max |map|
     margin = margin_coefficient(h, w) * scale.double() + 1e-30  # (B * K,)
     reach = thr.repeat(B) - margin.float()
-    finite = torch.isfinite(scale)
+    finite = scale < HUGE  # False for a NaN or an infinity too
     live = flat_nonzero((high >= reach) & finite)
     empty = torch.empty(0, dtype=torch.long, device=dev)
     unsure_parts: list[torch.Tensor] = []
-    if not bool(finite.all()):  # a NaN or an infinity: F.interpolate decides every pixel
+    if not bool(finite.all()):  # a NaN, an infinity or a huge value: settle every pixel
         bad = flat_nonzero(~finite)
         n = bad.numel()
         yy, xx = torch.meshgrid(torch.arange(sh, device=dev), torch.arange(sw, device=dev),
@@ -375,7 +382,8 @@ def settle(
     coords: torch.Tensor,
     cache: dict,
 ) -> torch.Tensor:
-    """Decide pixels too close to call with ``F.interpolate`` itself.
+    """Decide pixels too close to call (and every pixel of a map holding a non-finite value)
+    with ``F.interpolate`` itself.
 
     Parameters
     ----------
@@ -389,8 +397,10 @@ def settle(
     Returns
     -------
     torch.Tensor
-        ``(n,)`` bool: ``F.interpolate(maps, size, mode="bilinear",
-        align_corners=False)[b, k, y, x] > thr[k]`` for each pixel.
+        ``(n,)`` bool for each pixel: its value ``v = F.interpolate(maps, size,
+        mode="bilinear", align_corners=False)[b, k, y, x]`` is finite and ``v > thr[k]``
+        (a pixel whose interpolation touches a NaN or an infinity with nonzero weight is
+        NaN or infinite, so never active).
     """
     B, K, h, w = maps.shape
     b, k, y, x = coords
@@ -398,13 +408,17 @@ def settle(
         uniq, inverse = torch.unique(b * K + k, return_inverse=True)
         dense = F.interpolate(maps.reshape(B * K, 1, h, w)[uniq], size=size, mode="bilinear",
                               align_corners=False)[:, 0]
-        return dense[inverse, y, x] > thr[k]
-    uniq, inverse = torch.unique(b, return_inverse=True)
-    dense = F.interpolate(maps[uniq], size=size, mode="bilinear", align_corners=False)
-    return dense[inverse, k, y, x] > thr[k]
+        value = dense[inverse, y, x]
+    else:
+        uniq, inverse = torch.unique(b, return_inverse=True)
+        dense = F.interpolate(maps[uniq], size=size, mode="bilinear", align_corners=False)
+        value = dense[inverse, k, y, x]
+    return (value > thr[k]) & torch.isfinite(value)
 
 
 def active_mask_dense(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]):
-    """The dense reference: ``F.interpolate(...) > T`` as a ``(B, K, sh, sw)`` bool tensor."""
+    """The dense reference: ``(up > T) & isfinite(up)`` as a ``(B, K, sh, sw)`` bool tensor,
+    ``up = F.interpolate(maps, size, mode="bilinear", align_corners=False)``: a pixel is active
+    when its upsampled value is finite and above its unit's threshold."""
     up = F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
-    return up > thresholds.to(up).view(1, -1, 1, 1)
+    return (up > thresholds.to(up).view(1, -1, 1, 1)) & torch.isfinite(up)

@@ -19,10 +19,11 @@ The margins are :mod:`.active_pixels`' (``m`` bounds any float32 implementation'
 rounding; ``m2 = m (1 + 2**-20)`` dwarfs float64's), so sure pixels are exactly those that
 ``F.interpolate(maps, size, mode="bilinear", align_corners=False) > T`` marks away from the
 threshold; the rare unsure pixels are settled by ``F.interpolate`` itself
-(:func:`.active_pixels.settle`), and so are all pixels of a map holding a NaN or an
-infinity. Images are split between ``torch.get_num_threads()`` threads (numba releases the GIL),
-each with its own count arrays, summed at the end: integer sums, so the split cannot change a
-count.
+(:func:`.active_pixels.settle`), and so are all pixels of a map holding a NaN or an infinity (or a
+magnitude ``>= HUGE``): a pixel is active when its upsampled value is finite and above ``T``, as
+:func:`.active_pixels.active_mask_dense` says. Images are split between ``torch.get_num_threads()``
+threads (numba releases the GIL), each with its own count arrays, summed at the end: integer sums,
+so the split cannot change a count.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .active_pixels import axis_ranges, margin_coefficient, settle
+from .active_pixels import HUGE, axis_ranges, margin_coefficient, settle
 
 try:  # numba is a dependency; the torch engine still works where it cannot be imported
     import numba
@@ -126,7 +127,8 @@ def _count_pixel(labels, b, y, x, lut, row, dedupe):  # pragma: no cover - compi
 
 @_jit(inline="always")
 def _bounds(m_, t, coef):  # pragma: no cover - compiled
-    """``(finite, T - m2, T + m2)`` for one ``(h, w)`` map and its threshold."""
+    """``(finite, T - m2, T + m2)`` for one ``(h, w)`` map and its threshold; ``finite`` is
+    False for a map holding a NaN, an infinity or a magnitude ``>= HUGE`` (settled whole)."""
     h, w = m_.shape
     lo = np.float64(m_[0, 0])
     hi = lo
@@ -139,9 +141,9 @@ def _bounds(m_, t, coef):  # pragma: no cover - compiled
                 lo = v
             if v > hi:
                 hi = v
-    if zero != 0.0:
-        return False, hi, hi
     scale = max(abs(hi), abs(lo))
+    if zero != 0.0 or not scale < HUGE:
+        return False, hi, hi
     m2 = (coef * scale + 1e-30) * (1 + 2.0**-20)
     if hi < t - m2:
         return True, np.inf, np.inf  # nothing reaches T - m2: no pixel to visit
@@ -199,7 +201,8 @@ def _tally_images(maps, thr, labels, lut, coef, ys, ye, wy, xs, xe, wx,
                   inter, area, per_image, unsure, b0, b1):  # pragma: no cover - compiled
     """Count images ``b0 <= b < b1``: concept areas into ``area``, sure pixels into
     ``inter (K, C)`` and ``per_image (B, K)``, unsure pixels per map into ``unsure (B, K)``
-    (-1: a map with a NaN or an infinity, settled whole). ``coef``: the margin coefficient."""
+    (-1: a map with a NaN, an infinity or a huge value, settled whole). ``coef``: the margin
+    coefficient."""
     B, K, h, w = maps.shape
     seen = np.zeros(lut.shape[0], np.uint8)  # per label: bits of the planes it is in
     none = np.empty((0, 4), np.int64)
@@ -288,9 +291,10 @@ def count_batch(
     intersection, area, active
         int64 tensors: ``(K, C)`` pixels of each unit's active area carrying each concept,
         ``(C,)`` pixels carrying each concept, ``(B, K)`` active pixels per image and unit.
-        A pixel active for unit ``k`` is one where
-        ``F.interpolate(maps, (sh, sw), mode="bilinear", align_corners=False)[b, k] > T[k]``;
-        a concept present in several planes of one pixel counts once.
+        A pixel active for unit ``k`` is one whose value
+        ``F.interpolate(maps, (sh, sw), mode="bilinear", align_corners=False)[b, k, y, x]`` is
+        finite and ``> T[k]`` (:func:`.active_pixels.active_mask_dense`); a concept present in
+        several planes of one pixel counts once.
     """
     maps = maps.detach().to("cpu", torch.float32).contiguous()
     B, K, h, w = maps.shape

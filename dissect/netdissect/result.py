@@ -123,7 +123,8 @@ class DissectionResult:
         return sorted((u for u in self.units(layer) if u.is_detector), key=lambda u: -u.iou)
 
     def summary(self) -> str:
-        """Per layer: detectors, unique concepts, detectors per category."""
+        """Per layer: detectors, unique concepts, detectors per category; then the layers
+        holding non-finite activations (``meta["nonfinite"]``), if any."""
         lines = [f"Network Dissection (quantile={self.quantile}, IoU > {self.iou_threshold})"]
         header = f"{'layer':<20} {'units':>6} {'detectors':>9} {'unique':>6}  per category"
         lines.append(header)
@@ -134,6 +135,10 @@ class DissectionResult:
             unique = len({u.concept for u in det})
             n = self.iou(layer).shape[0]
             lines.append(f"{layer:<20} {n:>6} {len(det):>9} {unique:>6}  {cats or '-'}")
+        bad = {k: v for k, v in (self.meta.get("nonfinite") or {}).items() if v}
+        if bad:
+            lines.append("non-finite activation values (left out of the thresholds, never "
+                         "active): " + ", ".join(f"{k} {v}" for k, v in bad.items()))
         return "\n".join(lines)
 
     def _csv_rows(self, layer: str) -> list[list[Any]]:

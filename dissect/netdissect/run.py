@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from .._plumbing.checks import positive_int
 from .._plumbing.deprecation import renamed_kwargs
 from .._plumbing.device import PreparedModel, prepare_model, resolve_device
+from .._plumbing.finite import NonFiniteTally, merged_tallies
 from .._plumbing.progress import progress_bar
 from .._plumbing.store_layers import store_layers
 from ..datasets.concepts import collate
@@ -120,8 +121,8 @@ def dissect(
         Where to capture when ``source`` is a model. That store is kept (a rerun resumes or
         reuses it), also when the call fails.
     k
-        How many top images per unit to keep (from the store's maxima). (``top_k=`` is a
-        deprecated alias, for one release.)
+        How many top images per unit to keep (from the store's maxima; an image whose maximum
+        is NaN or infinite ranks last). (``top_k=`` is a deprecated alias, for one release.)
     distributed
         Multi-process runs (:mod:`dissect.distributed`): ``None`` detects an initialized
         process group or ``torchrun``'s variables, ``False`` forces one process, or pass a
@@ -134,6 +135,18 @@ def dissect(
     Returns
     -------
     DissectionResult
+        Its ``meta["nonfinite"]`` maps every layer to its number of non-finite activation
+        values (NaN, ``+inf``, ``-inf``; 0 when all are finite).
+
+    Notes
+    -----
+    Non-finite activations never wipe a layer out: each threshold is the quantile of the unit's
+    finite values (``numpy.nanquantile``), a pixel is active only when its upsampled value is
+    finite and above it, and a unit without any finite value gets the threshold ``+inf``
+    (never active, never a detector). Each layer holding a non-finite value gets one warning
+    on the ``"dissect"`` logger naming the layer, the count (NaN, +inf, -inf), the first
+    affected store rows and the units without a finite value
+    (:class:`dissect._plumbing.finite.NonFiniteTally`); only rank 0 logs it.
     """
     _check_dataset(dataset)
     if not 0 < quantile < 1:
@@ -187,6 +200,33 @@ def _store_for(store_path: str | Path | None, ctx: DistContext | None
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _threshold_batches(ds: Any, rows: range, read: int) -> Callable[[], Iterator[torch.Tensor]]:
+    """:func:`~dissect.stats.exact_quantiles`' ``batches`` for one layer: its ``rows`` read
+    ``read`` at a time as ``(units, values)`` float32 blocks."""
+
+    def batches() -> Iterator[torch.Tensor]:
+        for start in range(rows.start, rows.stop, read):
+            block = torch.from_numpy(ds[start : min(start + read, rows.stop)]).float()
+            yield block.transpose(0, 1).reshape(block.shape[1], -1)
+
+    return batches
+
+
+def _note_rows(tally: NonFiniteTally, rows: range, read: int, shape: tuple[int, ...]
+               ) -> Callable[[int, torch.Tensor], None]:
+    """:func:`~dissect.stats.exact_quantiles`' ``on_nonfinite`` for the batches of
+    :func:`_threshold_batches`: adds batch ``i`` (store rows from ``rows.start + i * read``)
+    to ``tally``, as ``(rows, units, h, w)``. exact_quantiles calls it only for the batches
+    holding a non-finite value: on finite data, counting costs nothing more than its own
+    check."""
+    units, h, w = shape
+
+    def note(i: int, batch: torch.Tensor) -> None:
+        tally.add(batch.reshape(units, -1, h, w).transpose(0, 1), rows.start + i * read)
+
+    return note
+
+
 def _dissect_store(
     store: ActivationStore,
     dataset: Any,
@@ -225,24 +265,30 @@ def _dissect_store(
     # this rank's rows (all of them in one process); results are merged exactly below
     rows = ctx.shard(len(store), batch_size) if ctx is not None else range(len(store))
     progress = progress and (ctx is None or ctx.is_main)
-    # thresholds of every layer first (each its own pass over the store) ...
+    # thresholds of every layer first (each its own pass over the store; the first pass also
+    # counts the non-finite values, which the thresholds leave out, and notes their rows) ...
     thresholds: dict[str, np.ndarray] = {}
     tallies: dict[str, IoUTally] = {}
+    found: dict[str, NonFiniteTally] = {}
     for name in names:
         ds = store[name]
         n, units, h, w = ds.shape
         read = min(len(store), max(1, (1 << 24) // max(1, units * h * w)))
-
-        def batches(ds=ds, read: int = read):
-            for start in range(rows.start, rows.stop, read):
-                block = torch.from_numpy(ds[start : min(start + read, rows.stop)]).float()
-                yield block.transpose(0, 1).reshape(block.shape[1], -1)
-
+        found[name] = NonFiniteTally(name)
         with ctx.phase("threshold merge") if ctx is not None else nullcontext():
-            thresholds[name] = exact_quantiles(batches, units, n * h * w, 1 - quantile,
-                                               dtype=np.dtype(ds.dtype), device=dev,
-                                               collective=ctx)
+            thresholds[name], _ = exact_quantiles(
+                _threshold_batches(ds, rows, read), units, n * h * w, 1 - quantile,
+                dtype=np.dtype(ds.dtype), device=dev, collective=ctx, return_nonfinite=True,
+                on_nonfinite=_note_rows(found[name], rows, read, (units, h, w)))
+        found[name].add_finite(len(rows) - found[name].seen_rows, units, h * w)
         tallies[name] = IoUTally(units, concepts, all_cats, device=dev)
+    if ctx is not None:  # every rank's rows: the same counts and first rows on every rank
+        states = ctx.gather("non-finite counts",
+                            {layer: t.state_dict() for layer, t in found.items()})
+        found = {layer: merged_tallies([state[layer] for state in states]) for layer in names}
+    if ctx is None or ctx.is_main:
+        for name in names:  # one warning per layer holding a NaN or an infinity
+            found[name].warn()
     # ... then one pass over the annotations for all layers: each batch's label planes are
     # decoded and cut into runs once, and every layer's tally counts against them
     thr_t = {name: torch.from_numpy(thresholds[name].astype(np.float32)).to(dev)
@@ -271,10 +317,12 @@ def _dissect_store(
                     {k: ctx.all_sum(v) for k, v in tally.state_dict().items()}
                 )
         iou[name] = tally.result()
-        maxima = store.maxima(name)
+        maxima = store.maxima(name)  # a non-finite maximum ranks last, as if -inf
+        maxima = np.where(np.isfinite(maxima), maxima, -np.inf)
         order = np.argsort(-maxima, axis=0, kind="stable")[: min(k, len(maxima))].T
         top[name] = index[order]
     meta = {"store": str(store.path), "model": store.meta.get("model"),
-            "stored_dtype": str(stored_dtype), "n_images": int(len(index))}
+            "stored_dtype": str(stored_dtype), "n_images": int(len(index)),
+            "nonfinite": {name: found[name].total for name in names}}
     return DissectionResult(names, concepts, cats, iou, thresholds, top, quantile=quantile,
                             iou_threshold=iou_threshold, meta=meta)

@@ -2,8 +2,8 @@
 
 Network Dissection's figures show a unit's most activating images with the region where its
 upsampled activation exceeds ``T_k``. This module computes those regions with the semantics
-the IoU uses (bilinear upsampling, ``align_corners=False``, strictly greater than ``T_k``), at
-each image's own resolution; :func:`dissect.report.render_unit_images` only draws them.
+the IoU uses (bilinear upsampling, ``align_corners=False``, finite and strictly greater than
+``T_k``), at each image's own resolution; :func:`dissect.report.render_unit_images` only draws them.
 """
 
 from __future__ import annotations
@@ -38,11 +38,12 @@ def active_mask(amap: np.ndarray | torch.Tensor, threshold: float,
     Returns
     -------
     numpy.ndarray
-        ``(H, W)`` bool: ``upsampled > threshold`` (NaN is never active).
+        ``(H, W)`` bool: ``upsampled > threshold`` where the upsampled value is finite (a
+        pixel reading a NaN or an infinity is never active, as the IoU counts it).
     """
     up = F.interpolate(torch.as_tensor(np.asarray(amap), dtype=torch.float32)[None, None],
                        size=tuple(size), mode="bilinear", align_corners=False)[0, 0]
-    return (up > threshold).numpy()
+    return ((up > threshold) & torch.isfinite(up)).numpy()
 
 
 @dataclass(frozen=True)
