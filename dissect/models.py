@@ -19,6 +19,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import pickle
+import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -127,14 +130,48 @@ def to_float_image(image: Any) -> torch.Tensor:
     return x.float()
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _refused(path: Path, exc: pickle.UnpicklingError) -> ModelSpecError:
+    """One line for a file that ``torch.load(weights_only=True)`` refused (not torch's advice)."""
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return ModelSpecError(
+            f"{path} is not a plain state dict (it holds pickled Python objects such as "
+            f"{found.group(1)}) and was refused for safety: save model.state_dict() and load "
+            "that")
+    reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    detail = f" (the safe loader stopped at: {reason.group(1).strip()})" if reason else ""
+    return ModelSpecError(
+        f"{path} cannot be read as a state dict saved by torch.save{detail}: save "
+        "model.state_dict() with torch.save and load that")
+
+
 def _load_state(model: nn.Module, path: str | Path) -> nn.Module:
     path = Path(path)
+    if path.is_dir():
+        raise ModelSpecError(f"weights file {path} is a folder: give the .pth file")
     if not path.is_file():
         raise ModelSpecError(f"weights file {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle-protocol notes: the error says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _refused(path, exc) from exc
+    except EOFError as exc:
+        raise ModelSpecError(f"cannot load weights from {path}: the file is empty or cut short "
+                             "(save it again with torch.save(model.state_dict(), ...))") from exc
+    except OSError as exc:
+        raise ModelSpecError(f"cannot read weights file {path}: {exc.strerror or exc}") from exc
     except Exception as exc:
-        raise ModelSpecError(f"cannot load weights from {path}: {exc}") from exc
+        raise ModelSpecError(
+            f"cannot load weights from {path}: not a file written by torch.save "
+            f"({_first_line(exc)})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -236,16 +273,26 @@ def _from_file(file: str, factory: str, weights: str | None) -> tuple[nn.Module,
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
-        raise ModelSpecError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    except (Exception, SystemExit) as exc:  # the user's file, not ours: one line, no traceback
+        raise ModelSpecError(f"importing {path} failed: {_first_line(exc)}") from exc
     fn = getattr(module, factory, None)
     if not callable(fn):
         names = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]
         raise ModelSpecError(f"{path} has no callable {factory!r}; callables there: {names}")
-    made = fn()
-    model, transform = made if isinstance(made, tuple) else (made, Preprocess())
-    if not isinstance(model, nn.Module):
-        raise ModelSpecError(f"{path}:{factory}() returned {type(model).__name__}, not a module")
+    try:
+        made = fn()
+    except (Exception, SystemExit) as exc:
+        raise ModelSpecError(f"{path}:{factory}() raised {_first_line(exc)}") from exc
+    if isinstance(made, nn.Module):
+        model, transform = made, Preprocess()
+    elif isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
+        model, transform = made
+    else:
+        got = type(made).__name__
+        if isinstance(made, tuple):
+            got = f"a tuple ({', '.join(type(v).__name__ for v in made)})"
+        raise ModelSpecError(f"{path}:{factory}() returned {got}: a factory returns an "
+                             "nn.Module or a (module, transform) pair")
     if weights is not None:
         _load_state(model, weights)
     return model, transform

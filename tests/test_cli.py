@@ -47,7 +47,13 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert info.value.code == 2
 
 
-@pytest.mark.parametrize("argv", [[], ["nope"], ["capture"], ["layers", "x", "--input-size", "a"]])
+@pytest.mark.parametrize("argv", [
+    [], ["nope"], ["capture"], ["layers", "x", "--input-size", "a"],
+    ["layers", "x", "--input-size", "0"], ["layers", "x", "--unknown"],
+    ["capture", "x", "--data", "d", "--layers", "l", "--out", "o.h5", "--pool", "0"],
+    ["capture", "x", "--data", "d", "--layers", "l", "--out", "o.h5", "--grads-for", "-1"],
+    ["netdissect", "x", "--dataset", "d", "--layers", "l", "--out", "o", "--top-k", "-3"],
+])
 def test_usage_errors_are_one_line_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -75,3 +81,14 @@ def test_common_options_in_every_subcommand():
         expected = {"--quiet"} if name == "report" else {
             "--device", "--batch-size", "--num-workers", "--quiet"}
         assert expected <= options, name
+
+
+def test_output_path_errors_are_one_line(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv in (["capture", "torchvision:resnet18", "--data", "samples", "--layers", "layer4",
+                  "--out", str(afile / "x.h5"), "--quiet"],
+                 ["report", str(tmp_path), "--out", str(afile), "--quiet"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(afile) in err and "Traceback" not in err

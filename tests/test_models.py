@@ -114,3 +114,41 @@ def test_real_mobilenet_classifies_chelsea_as_egyptian_cat():
         probs = model(cat[None]).softmax(1)[0]
     assert imagenet_categories()[int(probs.argmax())] == "Egyptian cat"
     assert abs(float(probs.max()) - 0.72) < 0.02
+
+
+def test_factory_that_raises_or_returns_the_wrong_thing(tmp_path):
+    (tmp_path / "bad.py").write_text(
+        "import torch\n"
+        "def boom():\n    raise RuntimeError('no GPU here\\nsecond line')\n"
+        "def number():\n    return 42\n"
+        "def triple():\n    return torch.nn.ReLU(), None, None\n"
+        "def swapped():\n    return None, torch.nn.ReLU()\n"
+        "def leaves():\n    raise SystemExit(3)\n"
+    )
+    with pytest.raises(ModelSpecError, match=r"bad.py:boom\(\) raised RuntimeError: no GPU here$"):
+        load_model(f"{tmp_path}/bad.py:boom")
+    for factory, says in [("number", "returned int"), ("triple", r"tuple \(ReLU, NoneType"),
+                          ("swapped", r"tuple \(NoneType, ReLU\)"), ("leaves", "SystemExit")]:
+        with pytest.raises(ModelSpecError, match=says):
+            load_model(f"{tmp_path}/bad.py:{factory}")
+
+
+def test_pickled_checkpoint_is_refused_in_one_line(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1))
+    torch.save(model, tmp_path / "whole.pth")
+    (tmp_path / "net.py").write_text(
+        "import torch\ndef make():\n    return torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1))\n")
+    with pytest.raises(ModelSpecError) as info:
+        load_model(f"{tmp_path}/net.py:make", str(tmp_path / "whole.pth"))
+    message = str(info.value)
+    assert "\n" not in message and "weights_only" not in message
+    assert "is not a plain state dict (it holds pickled Python objects" in message
+    assert "refused for safety" in message and "model.state_dict()" in message
+    (tmp_path / "junk.pth").write_bytes(b"\x00junk" * 8)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    for name, says in [("junk.pth", "cannot be read as a state dict"), ("empty.pth", "empty")]:
+        with pytest.raises(ModelSpecError, match=says) as info:
+            load_model(f"{tmp_path}/net.py:make", str(tmp_path / name))
+        assert "\n" not in str(info.value)
+    with pytest.raises(ModelSpecError, match="is a folder"):
+        load_model(f"{tmp_path}/net.py:make", str(tmp_path))

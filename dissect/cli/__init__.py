@@ -3,8 +3,9 @@
 No analysis logic lives here. Each subcommand is a module of this package with
 ``HELP``, ``add_parser(sub)`` and ``run(args)``; ``COMMANDS`` lists them in the
 order ``dissect --help`` shows. A library error (:class:`~dissect.errors.DissectError`)
-becomes one line on stderr and exit code 1; a usage error is argparse's one line
-and exit code 2.
+becomes one line on stderr and exit code 1, and so does an :class:`OSError` (a path that
+cannot be read or written: the line names it); a usage error is argparse's one line and exit
+code 2. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from ..errors import DissectError
+from ._common import one_line, os_error_message
 
 COMMANDS = (
     "layers", "capture", "netdissect", "probe", "attribute", "deconv", "actmax", "invert",
@@ -50,6 +53,7 @@ class Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line on stderr (exit code 2)."""
 
     def error(self, message: str):  # argparse calls this on a usage error
+        message = one_line(message)  # a value holding a line break stays on the one line
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -74,8 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dissect`` console script."""
+    # OpenCV's own decoder warnings ("[ WARN:0@...] ...") would precede our one-line error
+    # about the same file; set before cv2 is first imported (a user's own setting wins)
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # name the subcommand, whose --help lists what it takes
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -83,7 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except DissectError as exc:
-        sys.stderr.write(f"dissect {args.command}: error: {exc}\n")
+        sys.stderr.write(f"dissect {args.command}: error: {one_line(exc) or type(exc).__name__}\n")
+        return 1
+    except OSError as exc:  # a path the operating system refused: name it, no traceback
+        sys.stderr.write(f"dissect {args.command}: error: {os_error_message(exc)}\n")
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; a rerun of the same command resumes where it stopped\n")

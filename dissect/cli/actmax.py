@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
-from ._common import add_common, add_model_args, out, units
+from ._common import (
+    add_common,
+    add_model_args,
+    check_out_folder,
+    load_cli_model,
+    make_out_folder,
+    out,
+    path,
+    positive,
+    positive_float,
+    seed,
+    side,
+    units,
+)
 
 HELP = "activation maximization: the image each unit of a layer wants to see (PNG)"
 
@@ -19,33 +31,47 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--layer", required=True, help="layer name (see `dissect layers MODEL`)")
     p.add_argument("--units", type=units, default=None,
                    help="channels to visualize, e.g. 0-63 or 3,7,9 (default: all of the layer)")
-    p.add_argument("--out", required=True, type=Path,
+    p.add_argument("--out", required=True, type=path,
                    help="output folder: OUT/<layer>/unit_<k>.png, OUT/<layer>_grid.png and "
                         "OUT/<layer>.json (use RESULTS/actmax for the report)")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels (128)")
-    p.add_argument("--steps", type=int, default=512, help="optimization steps (512)")
-    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (0.05)")
+    p.add_argument("--size", type=side, default=128, help="image side in pixels (128)")
+    p.add_argument("--steps", type=positive, default=512, help="optimization steps (512)")
+    p.add_argument("--lr", type=positive_float, default=0.05, help="Adam learning rate (0.05)")
     p.add_argument("--param", default="fft", choices=["fft", "pixel"],
                    help="image parametrization (fft)")
     p.add_argument("--no-decorrelate", action="store_true",
                    help="optimize plain RGB instead of the decorrelated colour basis")
     p.add_argument("--transforms", default="standard", choices=["standard", "none"],
                    help="random transforms each step (standard: Lucid's)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    p.add_argument("--ncol", type=int, default=8, help="grid columns (8)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed (0)")
+    p.add_argument("--ncol", type=positive, default=8, help="grid columns (8)")
     add_common(p, batch=64)
     return p
 
 
 def _channels(model: torch.nn.Module, layer: str, size: int, normalize, dev) -> int:
     """Channel count of ``layer`` from one forward pass of a grey image."""
+    from ..errors import DissectError
     from ..hooks import Trace
 
-    x = normalize(torch.full((1, 3, size, size), 0.5, device=dev))
-    with torch.inference_mode(), Trace(model, layer, stop=True,
-                                       record=lambda n, t: tuple(t.shape)) as tr:
-        model(x)
-    return tr.outputs[layer][1]
+    try:
+        x = normalize(torch.full((1, 3, size, size), 0.5, device=dev))
+        with torch.inference_mode(), Trace(model, layer, stop=True,
+                                           record=lambda n, t: tuple(t.shape)) as tr:
+            model(x)
+    except (RuntimeError, ValueError) as exc:  # the model cannot take this input: say so
+        first = next((s.strip() for s in str(exc).splitlines() if s.strip()), "")
+        raise DissectError(
+            f"the model failed on a 1x3x{size}x{size} input ({type(exc).__name__}: {first}): "
+            "give an image side it takes with --size") from exc
+    shape = tr.outputs.get(layer)
+    if shape is None:
+        raise DissectError(f"layer {layer} did not run in the model's forward pass: choose "
+                           "one that does (see `dissect layers MODEL`)")
+    if len(shape) < 2:
+        raise DissectError(f"layer {layer} has outputs of shape {shape}, no channels: "
+                           "choose a layer with (batch, channels, ...) outputs")
+    return shape[1]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,9 +80,9 @@ def run(args: argparse.Namespace) -> int:
     from .._plumbing.device import resolve_device
     from .._plumbing.paths import safe_name
     from ..hooks import resolve_layers
-    from ..models import load_model
 
-    model, transform = load_model(args.model, args.weights)
+    check_out_folder(args.out)
+    model, transform = load_cli_model(args)
     (layer,) = resolve_layers(model, args.layer)
     dev = resolve_device(args.device)
     model.to(dev)
@@ -71,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seed=args.seed, device=dev, progress=not args.quiet,
         normalize=normalize, return_result=True,
     )
+    make_out_folder(args.out)
     paths = result.save_unit_images(args.out)
     grid = result.save_grid(args.out / f"{safe_name(layer)}_grid.png", ncol=args.ncol)
     saved = result.to_json(args.out / f"{safe_name(layer)}.json")

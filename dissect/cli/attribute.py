@@ -9,7 +9,20 @@ from pathlib import Path
 
 import torch
 
-from ._common import add_common, add_model_args, out
+from ._common import (
+    add_common,
+    add_model_args,
+    check_out_folder,
+    finite_float,
+    load_cli_model,
+    make_out_folder,
+    non_negative,
+    non_negative_float,
+    nonempty,
+    out,
+    path,
+    positive,
+)
 
 log = logging.getLogger("dissect")
 
@@ -31,39 +44,51 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Register the subcommand on ``sub`` (an argparse subparsers object)."""
     p = sub.add_parser("attribute", help=HELP, description=HELP)
     add_model_args(p)
-    p.add_argument("--image", required=True,
+    p.add_argument("--image", required=True, type=nonempty,
                    help="an image file, a folder of images (recursive) or samples")
     p.add_argument("--method", default="ig", choices=list(ATTRIBUTION_METHODS),
                    help="attribution method (ig = integrated_gradients, gradcam = grad_cam)")
-    p.add_argument("--target", type=int, default=None,
+    p.add_argument("--target", type=non_negative, default=None,
                    help="class index to explain (default: each image's top-1 class)")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--out", required=True, type=path, help="output folder")
     p.add_argument("--layer", default=None,
                    help="Grad-CAM layer (default: the last layer with spatial maps)")
-    p.add_argument("--steps", type=int, default=50, help="Integrated Gradients steps (50)")
+    p.add_argument("--steps", type=positive, default=50, help="Integrated Gradients steps (50)")
     p.add_argument("--ig-method", default="gausslegendre",
                    choices=["gausslegendre", "riemann_left", "riemann_right", "riemann_middle",
                             "riemann_trapezoid"], help="IG integration rule (gausslegendre)")
-    p.add_argument("--baseline", type=float, default=0.0,
+    p.add_argument("--baseline", type=finite_float, default=0.0,
                    help="IG/occlusion baseline value in model-input space (0.0)")
-    p.add_argument("--samples", type=int, default=50, help="SmoothGrad noisy samples (50)")
-    p.add_argument("--sigma", type=float, default=0.15,
+    p.add_argument("--samples", type=positive, default=50, help="SmoothGrad noisy samples (50)")
+    p.add_argument("--sigma", type=non_negative_float, default=0.15,
                    help="SmoothGrad noise, fraction of each image's value range (0.15)")
-    p.add_argument("--window", type=int, default=16, help="occlusion patch side in pixels (16)")
-    p.add_argument("--stride", type=int, default=8, help="occlusion stride in pixels (8)")
-    p.add_argument("--colormap", default="jet", help="OpenCV colormap: jet, inferno, turbo...")
+    p.add_argument("--window", type=positive, default=16,
+                   help="occlusion patch side in pixels (16)")
+    p.add_argument("--stride", type=positive, default=8, help="occlusion stride in pixels (8)")
+    p.add_argument("--colormap", type=_colormap, default="jet",
+                   help="OpenCV colormap: jet, inferno, turbo...")
     add_common(p, batch=32)
     return p
 
+
+def _colormap(text: str) -> str:
+    from ..attribution import colormap_code
+    from ..errors import DissectError
+
+    try:
+        colormap_code(text)
+    except DissectError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _attribution_images(spec: str, transform) -> Sequence[dict] | torch.utils.data.Dataset:
     from ..datasets import open_dataset, read_image
 
-    path = Path(spec)
-    if path.is_file():  # one file, given to the transform like dataset images: (3, H, W) in [0, 1]
-        image = torch.from_numpy(read_image(path)).permute(2, 0, 1).float() / 255.0
-        return [{"image": transform(image), "name": path.name}]
+    file = Path(spec)
+    if file.is_file():  # one file, given to the transform like dataset images: (3, H, W) in [0, 1]
+        image = torch.from_numpy(read_image(file)).permute(2, 0, 1).float() / 255.0
+        return [{"image": transform(image), "name": file.name}]
     return open_dataset(spec, transform)
 
 
@@ -79,9 +104,11 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import attribution
     from .._plumbing.device import resolve_device
-    from ..models import Preprocess, imagenet_categories, load_model
+    from ..errors import DissectError
+    from ..models import Preprocess, imagenet_categories
 
-    model, transform = load_model(args.model, args.weights)
+    check_out_folder(args.out)
+    model, transform = load_cli_model(args)
     dev = resolve_device(args.device)
     model.to(dev)
     data = _attribution_images(args.image, transform)
@@ -98,13 +125,22 @@ def run(args: argparse.Namespace) -> int:
         options.update(steps=args.steps, method=args.ig_method, baseline=args.baseline)
     elif method == "occlusion":
         options.update(window=args.window, stride=args.stride, baseline=args.baseline)
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_out_folder(args.out)
     layer = args.layer
     written = 0
     for x, names in loader:
         x = x.to(dev)
         with torch.inference_mode():
-            probs = model(x).softmax(1)
+            logits = model(x)
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+            raise DissectError(
+                f"{args.model} is not a classifier: attribution explains a class score, and "
+                f"its output is {shape}, not (batch, classes)")
+        probs = logits.softmax(1)
+        if args.target is not None and args.target >= probs.shape[1]:
+            raise DissectError(f"--target {args.target} is not an output of {args.model}: it "
+                               f"has {probs.shape[1]} (0 to {probs.shape[1] - 1})")
         targets = probs.argmax(1).tolist() if args.target is None else [args.target] * len(x)
         cats = imagenet_categories() if probs.shape[1] == 1000 else None
         if method == "grad_cam":

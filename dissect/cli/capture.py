@@ -11,37 +11,52 @@ import datetime
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._common import add_common, add_model_args, out, split_list
+from ._common import (
+    MAX_SIDE,
+    add_common,
+    add_model_args,
+    check_out_file,
+    load_cli_model,
+    names,
+    non_negative,
+    nonempty,
+    out,
+    path,
+)
 
 if TYPE_CHECKING:
     from ..distributed import DistContext
 
 HELP = "stream layer activations over a dataset to HDF5"
+MAX_MINUTES = 10**7  # --dist-timeout: about 19 years, far below what timedelta holds
 
 
-def _pool(text: str | None):
-    if text is None or text in ("mean", "max"):
+def _pool(text: str) -> str | int:
+    if text in ("mean", "max"):
         return text
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError("--pool takes mean, max or an integer size") from None
+        value = 0
+    if not 1 <= value <= MAX_SIDE:
+        raise argparse.ArgumentTypeError(
+            f"expected mean, max or an output size from 1 to {MAX_SIDE}, got {text!r}")
+    return value
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register the subcommand on ``sub`` (an argparse subparsers object)."""
     p = sub.add_parser("capture", help=HELP, description=HELP)
     add_model_args(p)
-    p.add_argument("--data", required=True,
+    p.add_argument("--data", required=True, type=nonempty,
                    help="a folder of images, samples, synthetic[:N] or broden:PATH")
-    p.add_argument("--layers", required=True, help="comma-separated layer names")
-    p.add_argument("--out", required=True, type=Path, help="HDF5 file to write")
+    p.add_argument("--layers", required=True, type=names, help="comma-separated layer names")
+    p.add_argument("--out", required=True, type=path, help="HDF5 file to write")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--pool", type=_pool, default=None, help="mean, max or an output size")
-    p.add_argument("--grads-for", type=int, default=None, metavar="CLASS",
+    p.add_argument("--grads-for", type=non_negative, default=None, metavar="CLASS",
                    help="also store gradients of this output index")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an unfinished file")
@@ -55,8 +70,9 @@ def _minutes(text: str) -> datetime.timedelta:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"--dist-timeout takes positive minutes, got {text!r}")
+    if not 0 < value <= MAX_MINUTES:  # NaN and inf too
+        raise argparse.ArgumentTypeError(
+            f"--dist-timeout takes minutes, more than 0 and at most {MAX_MINUTES}, got {text!r}")
     return datetime.timedelta(minutes=value)
 
 
@@ -85,21 +101,23 @@ def run(args: argparse.Namespace) -> int:
     """Capture activations of a model over a data source into an HDF5 store."""
     from ..datasets import open_dataset
     from ..hooks import capture
-    from ..models import load_model
 
+    check_out_file(args.out, example="activations.h5")
     with dist_session(args) as ctx:
-        model, transform = load_model(args.model, args.weights)
+        model, transform = load_cli_model(args)
         data = open_dataset(args.data, transform)
         store = capture(
-            model, data, split_list(args.layers), args.out,
+            model, data, args.layers, args.out,
             batch_size=args.batch_size, dtype=args.dtype, pool=args.pool,
             grads_for=args.grads_for, device=args.device, num_workers=args.num_workers,
             progress=not args.quiet, resume=not args.no_resume, overwrite=args.overwrite,
             distributed=ctx if ctx is not None else False, dataset=args.data,
         )
-        if ctx is None or ctx.is_main:
-            for layer in store.layers:
-                out(f"{layer}: {store[layer].shape} {store[layer].dtype}")
-            out(f"wrote {store.path}")
-        store.close()
+        try:
+            if ctx is None or ctx.is_main:
+                for layer in store.layers:
+                    out(f"{layer}: {store[layer].shape} {store[layer].dtype}")
+                out(f"wrote {store.path}")
+        finally:
+            store.close()
     return 0

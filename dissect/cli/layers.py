@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from ._common import add_common, add_model_args, out
+from ._common import add_common, add_model_args, load_cli_model, out, side
 
 HELP = "list a model's layer names and output shapes"
 
@@ -15,7 +15,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Register the subcommand on ``sub`` (an argparse subparsers object)."""
     p = sub.add_parser("layers", help=HELP, description=HELP)
     add_model_args(p)
-    p.add_argument("--input-size", type=int, default=224, help="square input side (224)")
+    p.add_argument("--input-size", type=side, default=224, help="square input side (224)")
     add_common(p, batch=1)
     return p
 
@@ -23,17 +23,27 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Print every layer with its type and output shape for one input."""
     from .._plumbing.device import resolve_device
+    from ..errors import DissectError
     from ..hooks import Trace, layer_names
-    from ..models import load_model
 
-    model, _ = load_model(args.model, args.weights)
+    model, _ = load_cli_model(args)
     dev = resolve_device(args.device)
     model.to(dev)
     names = layer_names(model)
+    if not names:
+        raise DissectError(f"{args.model} has no layers (submodules) to list")
     modules = dict(model.named_modules())
-    x = torch.zeros(1, 3, args.input_size, args.input_size, device=dev)
-    with torch.inference_mode(), Trace(model, names, record=lambda n, t: tuple(t.shape)) as tr:
-        model(x)
+    size = args.input_size
+    try:
+        x = torch.zeros(1, 3, size, size, device=dev)
+        with torch.inference_mode(), Trace(model, names,
+                                           record=lambda n, t: tuple(t.shape)) as tr:
+            model(x)
+    except (RuntimeError, ValueError) as exc:  # the model cannot take this input: say so
+        first = next((s.strip() for s in str(exc).splitlines() if s.strip()), "")
+        raise DissectError(
+            f"{args.model} failed on a 1x3x{size}x{size} input ({type(exc).__name__}: "
+            f"{first}): give the input side it takes with --input-size") from exc
     width = max(len(n) for n in names)
     for name in names:
         shape = tr.outputs.get(name)

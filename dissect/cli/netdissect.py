@@ -8,9 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from ._common import add_common, add_k, add_model_args, out, split_list
+from ._common import (
+    add_common,
+    add_k,
+    add_model_args,
+    check_out_folder,
+    fraction,
+    load_cli_model,
+    make_out_folder,
+    names,
+    non_negative,
+    nonempty,
+    open_fraction,
+    out,
+    path,
+)
 from .capture import add_dist_timeout, dist_session
 
 HELP = "Network Dissection: label units with concepts"
@@ -20,15 +33,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Register the subcommand on ``sub`` (an argparse subparsers object)."""
     p = sub.add_parser("netdissect", help=HELP, description=HELP)
     add_model_args(p)
-    p.add_argument("--dataset", required=True, help="broden:PATH, synthetic[:N] or a Broden folder")
-    p.add_argument("--layers", required=True, help="comma-separated layer names")
-    p.add_argument("--out", required=True, type=Path, help="output folder (store, CSV, JSON)")
-    p.add_argument("--quantile", type=float, default=0.005, help="top activation share (0.005)")
-    p.add_argument("--iou-threshold", type=float, default=0.04, help="detector IoU (0.04)")
-    p.add_argument("--categories", default=None, help="comma-separated categories (all)")
+    p.add_argument("--dataset", required=True, type=nonempty,
+                   help="broden:PATH, synthetic[:N] or a Broden folder")
+    p.add_argument("--layers", required=True, type=names, help="comma-separated layer names")
+    p.add_argument("--out", required=True, type=path, help="output folder (store, CSV, JSON)")
+    p.add_argument("--quantile", type=open_fraction, default=0.005,
+                   help="top activation share, between 0 and 1 (0.005)")
+    p.add_argument("--iou-threshold", type=fraction, default=0.04,
+                   help="detector IoU, from 0 to 1 (0.04)")
+    p.add_argument("--categories", type=names, default=None,
+                   help="comma-separated categories (all)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                    help="stored activation dtype (float16)")
-    p.add_argument("--unit-images", type=int, default=64, metavar="N",
+    p.add_argument("--unit-images", type=non_negative, default=64, metavar="N",
                    help="draw the top images of the N best units per layer for the report "
                         "(64; 0: none)")
     add_k(p, 5, "top images drawn per unit")
@@ -41,42 +58,44 @@ def run(args: argparse.Namespace) -> int:
     """Capture (or reuse) a store over a concept dataset, score it, write CSV/JSON."""
     from ..datasets import open_dataset
     from ..hooks import capture
-    from ..models import Preprocess, load_model
+    from ..models import Preprocess
     from ..netdissect import dissect
 
+    check_out_folder(args.out)
     with dist_session(args) as ctx:
         distributed = ctx if ctx is not None else False
-        model, transform = load_model(args.model, args.weights)
+        model, transform = load_cli_model(args)
         data = open_dataset(args.dataset)
         # keep pixels aligned with the segmentation: normalization only, no resize or crop
         data.transform = (transform.without_resize() if isinstance(transform, Preprocess)
                           else transform)
-        layers = split_list(args.layers)
-        args.out.mkdir(parents=True, exist_ok=True)
+        layers = args.layers
+        make_out_folder(args.out)
         store = capture(model, data, layers, args.out / "activations.h5",
                         batch_size=args.batch_size, dtype=args.dtype, device=args.device,
                         num_workers=args.num_workers, progress=not args.quiet,
                         distributed=distributed, dataset=args.dataset)
-        categories = split_list(args.categories) if args.categories else None
-        result = dissect(store, data, layers, quantile=args.quantile,
-                         iou_threshold=args.iou_threshold, categories=categories,
-                         batch_size=args.batch_size, device=args.device,
-                         progress=not args.quiet, num_workers=args.num_workers,
-                         distributed=distributed)
-        if ctx is None or ctx.is_main:  # every rank holds the same result; one writes it
-            result.to_csv(args.out)
-            result.to_json(args.out / "netdissect.json")
-            (args.out / "run.json").write_text(json.dumps(
-                {"model": args.model, "weights": args.weights, "dataset": args.dataset,
-                 "images": len(data), "layers": layers, "device": str(args.device or "auto")}))
-            if args.unit_images > 0:
-                from ..report import render_unit_images
+        try:
+            result = dissect(store, data, layers, quantile=args.quantile,
+                             iou_threshold=args.iou_threshold, categories=args.categories,
+                             batch_size=args.batch_size, device=args.device,
+                             progress=not args.quiet, num_workers=args.num_workers,
+                             distributed=distributed)
+            if ctx is None or ctx.is_main:  # every rank holds the same result; one writes it
+                result.to_csv(args.out)
+                result.to_json(args.out / "netdissect.json")
+                (args.out / "run.json").write_text(json.dumps(
+                    {"model": args.model, "weights": args.weights, "dataset": args.dataset,
+                     "images": len(data), "layers": layers, "device": str(args.device or "auto")}))
+                if args.unit_images > 0:
+                    from ..report import render_unit_images
 
-                render_unit_images(result, store, data, args.out / "units",
-                                   units=args.unit_images, k=args.k,
-                                   progress=not args.quiet)
-            out(result.summary())
-            out(f"wrote {args.out / 'netdissect.json'} and one CSV per layer in {args.out}; "
-                f"`dissect report {args.out}` renders the report")
-        store.close()
+                    render_unit_images(result, store, data, args.out / "units",
+                                       units=args.unit_images, k=args.k,
+                                       progress=not args.quiet)
+                out(result.summary())
+                out(f"wrote {args.out / 'netdissect.json'} and one CSV per layer in {args.out}; "
+                    f"`dissect report {args.out}` renders the report")
+        finally:
+            store.close()
     return 0
