@@ -347,16 +347,43 @@ def _edit_dataset(path: Path, name: str, kind: object) -> None:
             f.create_dataset(name, data=np.float32(1))
 
 
+def _data_bytes(path: Path) -> list[tuple[int, int]]:
+    """``(offset, size)`` of every block of raw values in the file (chunks, contiguous data)."""
+    blocks = []
+
+    def visit(name: str, obj: object) -> None:
+        if not isinstance(obj, h5py.Dataset):
+            return
+        if obj.chunks is None:
+            blocks.append((obj.id.get_offset(), obj.id.get_storage_size()))
+        else:
+            for i in range(obj.id.get_num_chunks()):
+                info = obj.id.get_chunk_info(i)
+                blocks.append((info.byte_offset, info.size))
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return [(o, n) for o, n in blocks if o is not None and n]
+
+
 def test_every_damaged_layout_is_a_store_error(tmp_path):
-    """A seeded fuzz over the layout: each edit of an attribute or dataset of a good store
-    either still opens (a harmless edit) or is a StoreError; never another exception."""
+    """A seeded fuzz over the layout: attributes replaced by hostile values, datasets deleted,
+    reshaped, retyped or replaced, and bytes flipped inside the stored values (1,019 cases):
+    each store opens and reads, or is a StoreError; never another exception.
+
+    Flips are kept to the blocks of values: HDF5 1.14 itself can loop forever on some flips
+    of its own metadata (seen twice in 7,000 random flips anywhere in the file), which no
+    Python code can interrupt; the stores' 1.8 file format makes HDF5 refuse most such flips
+    by their checksums (``dissect.store.layout.LIBVER``)."""
     good = _good_store(tmp_path / "good.h5")
     outcomes: dict[str, int] = {}
     cases = [("attr", k, v) for k, v in _attr_edits()] + [
         ("dataset", n, k) for n, k in _dataset_edits()]
+    blocks = _data_bytes(good)
     rng = np.random.default_rng(0)
-    for _ in range(40):  # random byte flips in the file too
-        cases.append(("flip", int(rng.integers(0, good.stat().st_size)), int(rng.integers(1, 256))))
+    for _ in range(800):
+        offset, size = blocks[int(rng.integers(len(blocks)))]
+        cases.append(("flip", offset + int(rng.integers(size)), int(rng.integers(1, 256))))
     for i, (kind, a, b) in enumerate(cases):
         path = tmp_path / f"case{i}.h5"
         shutil.copy(good, path)
@@ -373,14 +400,17 @@ def test_every_damaged_layout_is_a_store_error(tmp_path):
                 for layer in store.layers:
                     store.maxima(layer), next(store.iter(layer, 1))
                 _ = store.index, store.meta
-            outcomes["opened"] = outcomes.get("opened", 0) + 1
+            outcome = "opened"
         except StoreError:
-            outcomes["StoreError"] = outcomes.get("StoreError", 0) + 1
+            outcome = "StoreError"
         except Exception as exc:  # noqa: BLE001 - this is what the test is about
             pytest.fail(f"case {i} ({kind} {a!r} {b!r:.40}) raised {type(exc).__name__}: {exc}")
         finally:
             path.unlink()
-    assert outcomes.get("StoreError", 0) > len(cases) // 2, outcomes
+        outcomes[f"{kind} {outcome}"] = outcomes.get(f"{kind} {outcome}", 0) + 1
+    structured = len(cases) - 800
+    assert outcomes["attr StoreError"] + outcomes["dataset StoreError"] > 0.8 * structured, \
+        outcomes
 
 
 def test_specific_damage_messages(tmp_path):

@@ -31,6 +31,11 @@ FORMAT = "torch-dissect"
 VERSION = 1
 DTYPES = ("float16", "float32")
 CHUNK_BYTES = 1 << 20
+# HDF5's 1.8 file format: its superblock, object headers and groups carry checksums, so a
+# damaged file is refused instead of being misread (the default, oldest format let some byte
+# flips send HDF5 into an endless loop). Not the 1.10 format: it marks files open for writing
+# in the superblock, and a capture killed mid-way could then not be reopened to resume.
+LIBVER = ("v108", "v108")
 RECAPTURE = "recapture it (overwrite=True / --overwrite)"
 
 
@@ -161,7 +166,7 @@ def create_store(
     f = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        f = h5py.File(tmp, "w")
+        f = h5py.File(tmp, "w", libver=LIBVER)
         made = _lay_out(f, n, layers, dtype, pool, attrs, gradients)
         f.close()  # with every dataset still referenced: closed by the file, not by GC
         del made
@@ -293,8 +298,8 @@ def check_layout(f: h5py.File, path: Path) -> dict[str, Any]:
     StoreError
         Saying what is missing or malformed.
     """
-    check_version(f, path)
     try:
+        check_version(f, path)
         return _check_layout(f, path)
     except StoreError:
         raise
@@ -312,6 +317,7 @@ def _dataset(f: h5py.File, name: str, path: Path) -> h5py.Dataset:
 
 
 def _check_layout(f: h5py.File, path: Path) -> dict[str, Any]:
+    dict(f.attrs.items())  # every root attribute can be read (a damaged heap cannot)
     n = _int_attr(f, "n_samples", path)
     if n < 0:
         raise StoreError(f"{path}: n_samples is {n}; {RECAPTURE}")

@@ -73,9 +73,10 @@ class ActivationStore:
             shards = json.loads(f.attrs.get("shards", "[]"))
             if not isinstance(shards, list) or not all(isinstance(s, str) for s in shards):
                 raise StoreError(f"{path}: root attribute 'shards' is malformed ({shards!r:.60})")
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OSError, RuntimeError) as exc:
             f.close()
-            raise StoreError(f"{path}: root attribute 'shards' is not valid JSON") from exc
+            raise StoreError(f"{path}: root attribute 'shards' cannot be read or is not valid "
+                             f"JSON ({exc}); the file is damaged") from exc
         except BaseException:
             f.close()
             raise
@@ -116,7 +117,9 @@ class ActivationStore:
     def meta(self) -> dict[str, Any]:
         """Root attributes (model, fingerprint, n_samples, complete, dtype, pool, ...)."""
         out: dict[str, Any] = {}
-        for key, value in self._file.attrs.items():
+        with self._reading("the root attributes"):
+            items = list(self._file.attrs.items())
+        for key, value in items:
             if isinstance(value, np.generic):
                 value = value.item()
             if key in ("layers", "pool"):
