@@ -274,3 +274,43 @@ def test_a_store_without_data_identity_is_used_with_a_warning(tiny, images, tmp_
         with capture(tiny, images, ["3"], path, progress=False) as store:
             assert isinstance(store, ActivationStore)
     assert "did not record its data" in caplog.text
+
+
+class Patched(nn.Module):
+    """A conv whose output gets a non-finite 2x2 patch on the images whose first pixel is
+    above 1 (a model that overflows or divides by zero on some inputs)."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        bad = (x[:, 0, 0, 0] > 1)[:, None, None, None]
+        patch = torch.zeros_like(y, dtype=torch.bool)
+        patch[:, 0, :2, :2] = True
+        return torch.where(bad & patch, torch.full_like(y, self.value), y)
+
+
+@pytest.mark.parametrize("value, kind", [(float("nan"), "NaN 8"), (float("inf"), "+inf 8")])
+def test_capture_warns_once_per_layer_about_non_finite_values(value, kind, tmp_path, caplog):
+    x = torch.zeros(12, 3, 8, 8)
+    x[[3, 9], 0, 0, 0] = 2.0  # rows 3 and 9 get the patch: 2 x 4 values
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patched = Patched(value)
+
+        def forward(self, x):
+            return self.patched(x)
+
+    model = Wrapped().eval()
+    with caplog.at_level(logging.WARNING, logger="dissect"):
+        capture(model, x, ["patched.conv", "patched"], tmp_path / "w.h5", batch_size=4,
+                dtype="float32", progress=False).close()
+    warnings = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # the conv itself is finite: nothing said about it
+    assert "'patched'" in warnings[0] and "8 non-finite" in warnings[0]
+    assert f"({kind})" in warnings[0] and "rows 3, 9" in warnings[0]

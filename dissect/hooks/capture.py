@@ -21,6 +21,7 @@ from torch import nn
 from .._plumbing.checks import positive_int
 from .._plumbing.device import PreparedModel, prepare_model
 from .._plumbing.fingerprint import fingerprint
+from .._plumbing.finite import NonFiniteTally
 from .._plumbing.progress import progress_bar
 from ..distributed import DistContext, publish_shards, shard_attr, shard_path
 from ..distributed import resolve as resolve_distributed
@@ -368,6 +369,7 @@ def _write(job: _Job, path: Path, start: int) -> None:
     writer: StoreWriter | None = StoreWriter(path) if start else None
     async_writer = AsyncWriter(writer) if writer else None
     warned = False
+    nonfinite = {n: NonFiniteTally(n) for n in names}  # warned about once per layer, at the end
     bar = progress_bar(source.n, f"capture {path.name}", job.progress, unit="img",
                        initial=start, outer=True)
     t0 = time.perf_counter()
@@ -381,6 +383,8 @@ def _write(job: _Job, path: Path, start: int) -> None:
                 raise DissectError(
                     f"layers {missing} did not run during the forward pass (unused modules?)"
                 )
+            for n in names:  # one sum per layer on finite data (on the device)
+                nonfinite[n].add(tr.outputs[n][0], row)
             acts = {n: tr.outputs[n][0].cpu().numpy() for n in names}
             maxima = {n: tr.outputs[n][1].cpu().numpy() for n in names}
             if not warned and settings["dtype"] == "float16":
@@ -421,6 +425,8 @@ def _write(job: _Job, path: Path, start: int) -> None:
             async_writer = None
         if writer is not None:
             writer.finish()
+        for tally in nonfinite.values():
+            tally.warn(log)
         log.info("captured %d rows of %s to %s in %.1fs", source.n - start, names, path,
                  time.perf_counter() - t0)
     finally:
