@@ -185,3 +185,31 @@ def test_injected_script_renders_as_text_in_chromium(tmp_path):
     dom = _chromium("--dump-dom", page.as_uri()).stdout
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
     assert "<script>alert" not in dom
+
+
+def test_layers_whose_names_sanitize_alike_get_their_own_pages_and_images(tmp_path):
+    """'c 1' and 'c_1' used to share a page and an image folder: one overwrote the other."""
+    from dissect._plumbing.images import write_png
+    from dissect._plumbing.paths import unit_image_path
+
+    layers = ["c 1", "c_1"]
+    res = DissectionResult(
+        layers, [Concept(1, "red", "color")], ["color"],
+        {name: np.array([[0.5]]) for name in layers},
+        {name: np.array([1.0], "f4") for name in layers},
+        {name: np.zeros((1, 1), dtype=np.int64) for name in layers}, quantile=0.005,
+        iou_threshold=0.04)
+    out = tmp_path / "r"
+    res.to_json(out / "netdissect.json")
+    colors = {"c 1": (255, 0, 0), "c_1": (0, 0, 255)}
+    for name in layers:  # a unit image of each layer, each its own colour
+        write_png(unit_image_path(out / "units", name, 0), np.full((4, 4, 3), colors[name],
+                                                                    np.uint8))
+    index = write_report(out)
+    pages = sorted(index.parent.glob("layer-*.html"))
+    assert len(pages) == 2
+    for name in layers:
+        page = next(p for p in pages if f"<title>{name}: units</title>" in p.read_text())
+        src = re.search(r'<img src="(img/units/[^"]+)"', page.read_text()).group(1)
+        shown = cv2.imread(str(index.parent / src))[0, 0][::-1]  # BGR -> RGB
+        assert tuple(int(v) for v in shown) == colors[name], name
