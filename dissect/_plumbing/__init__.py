@@ -12,7 +12,8 @@ One home for what the analyses would otherwise each write again:
 - :mod:`.arrays`: numpy arrays inside JSON documents, exactly;
 - :mod:`.deprecation`: renamed keyword arguments kept for one release;
 - :mod:`.device`: where a model and its inputs run (the device policy);
-- :mod:`.fingerprint`: the hash that identifies a model's weights.
+- :mod:`.fingerprint`: the hash that identifies a model's weights;
+- :mod:`.finite`: counting and reporting non-finite (NaN, inf) activations.
 
 Modules here import nothing from the analyses: the flow is plumbing -> hooks/store ->
 analyses -> report.
