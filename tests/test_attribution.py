@@ -67,18 +67,6 @@ def net(request):
     return model, x, layer
 
 
-
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.inputs: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.inputs.append(x.detach().clone())
-        return self.model(x)
-
-
 class Saturating(nn.Module):
     """f(x) = tanh(2 x0) + 0.1 x1: past x0 ~ 2 more x0 no longer raises f (the elephant's trunk)."""
 
