@@ -113,3 +113,15 @@ def probe_devices(monkeypatch) -> list[tuple[str, torch.device]]:
     monkeypatch.setattr(probe_module, "BatchedSoftmax", Spy)
     return seen
 
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of many tiny steps (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): on a shared, loaded CPU, waking a second OpenMP
+    thread for every tiny op makes them tens of times slower (results are the same). The
+    thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

@@ -42,14 +42,7 @@ from dissect.models import Preprocess
 FAST = {"size": 32, "steps": 48, "progress": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run these many small steps on one thread: on a shared, loaded CPU, waking a second
-    OpenMP thread for every tiny op makes them tens of times slower (results are the same)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hooks(model: nn.Module) -> int:

@@ -34,14 +34,7 @@ from dissect.probes import LayerProbe, ProbeResult, probe
 from dissect.report import write_report
 from dissect.store import ActivationStore, StoreWriter, create_store
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny tensors on a shared 2-core machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bits(t: torch.Tensor | np.ndarray) -> bytes:

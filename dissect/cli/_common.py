@@ -13,6 +13,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..errors import DissectError
 
@@ -289,3 +290,27 @@ def os_error_message(exc: OSError) -> str:
 def one_line(text: str) -> str:
     """``text`` with its lines joined by spaces (error messages are one line)."""
     return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def output_shapes(model: Any, layers: Any, x: Any, option: str, *, stop: bool = False,
+                  who: str = "the model") -> dict[str, tuple[int, ...]]:
+    """The output shape of each traced layer for one input ``x`` (a forward pass, no graph).
+
+    A model that cannot take ``x`` is a :class:`~dissect.DissectError` telling which option
+    (``option``, e.g. ``"--input-size"``) sets its size; layers that did not run are absent.
+    """
+    import torch
+
+    from ..errors import DissectError
+    from ..hooks import Trace
+
+    try:
+        with torch.inference_mode(), Trace(model, layers, stop=stop,
+                                           record=lambda n, t: tuple(t.shape)) as tr:
+            model(x)
+    except (RuntimeError, ValueError) as exc:  # the model cannot take this input: say so
+        first = next((s.strip() for s in str(exc).splitlines() if s.strip()), "")
+        size = "x".join(str(s) for s in x.shape)
+        raise DissectError(f"{who} failed on a {size} input ({type(exc).__name__}: {first}): "
+                           f"give the input side it takes with {option}") from exc
+    return dict(tr.outputs)

@@ -13,6 +13,7 @@ from ._common import (
     load_cli_model,
     make_out_folder,
     out,
+    output_shapes,
     path,
     positive,
     positive_float,
@@ -52,19 +53,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def _channels(model: torch.nn.Module, layer: str, size: int, normalize, dev) -> int:
     """Channel count of ``layer`` from one forward pass of a grey image."""
     from ..errors import DissectError
-    from ..hooks import Trace
 
-    try:
-        x = normalize(torch.full((1, 3, size, size), 0.5, device=dev))
-        with torch.inference_mode(), Trace(model, layer, stop=True,
-                                           record=lambda n, t: tuple(t.shape)) as tr:
-            model(x)
-    except (RuntimeError, ValueError) as exc:  # the model cannot take this input: say so
-        first = next((s.strip() for s in str(exc).splitlines() if s.strip()), "")
-        raise DissectError(
-            f"the model failed on a 1x3x{size}x{size} input ({type(exc).__name__}: {first}): "
-            "give an image side it takes with --size") from exc
-    shape = tr.outputs.get(layer)
+    x = normalize(torch.full((1, 3, size, size), 0.5, device=dev))
+    shapes = output_shapes(model, layer, x, "--size", stop=True)
+    shape = shapes.get(layer)
     if shape is None:
         raise DissectError(f"layer {layer} did not run in the model's forward pass: choose "
                            "one that does (see `dissect layers MODEL`)")

@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from ._common import add_common, add_model_args, load_cli_model, out, side
+from ._common import add_common, add_model_args, load_cli_model, out, output_shapes, side
 
 HELP = "list a model's layer names and output shapes"
 
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     """Print every layer with its type and output shape for one input."""
     from .._plumbing.device import resolve_device
     from ..errors import DissectError
-    from ..hooks import Trace, layer_names
+    from ..hooks import layer_names
 
     model, _ = load_cli_model(args)
     dev = resolve_device(args.device)
@@ -33,20 +33,11 @@ def run(args: argparse.Namespace) -> int:
     if not names:
         raise DissectError(f"{args.model} has no layers (submodules) to list")
     modules = dict(model.named_modules())
-    size = args.input_size
-    try:
-        x = torch.zeros(1, 3, size, size, device=dev)
-        with torch.inference_mode(), Trace(model, names,
-                                           record=lambda n, t: tuple(t.shape)) as tr:
-            model(x)
-    except (RuntimeError, ValueError) as exc:  # the model cannot take this input: say so
-        first = next((s.strip() for s in str(exc).splitlines() if s.strip()), "")
-        raise DissectError(
-            f"{args.model} failed on a 1x3x{size}x{size} input ({type(exc).__name__}: "
-            f"{first}): give the input side it takes with --input-size") from exc
+    x = torch.zeros(1, 3, args.input_size, args.input_size, device=dev)
+    shapes = output_shapes(model, names, x, "--input-size", who=args.model)
     width = max(len(n) for n in names)
     for name in names:
-        shape = tr.outputs.get(name)
+        shape = shapes.get(name)
         shown = "x".join(str(s) for s in shape[1:]) if shape else "(not run)"
         out(f"{name:<{width}}  {type(modules[name]).__name__:<22} {shown}")
     return 0
