@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,8 +37,17 @@ def fingerprint(model: nn.Module, *, legacy: bool = False) -> str:
     name = f"{cls.__module__}.{cls.__qualname__}" if legacy else f"class:{cls.__qualname__}"
     h = hashlib.sha256(name.encode())
     for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        if t.numel():  # hash the tensor's own buffer, no bytes copy
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        hash_tensor(h, name, tensor)
     return h.hexdigest()
+
+
+def hash_tensor(h: Any, key: object, tensor: torch.Tensor) -> None:
+    """Feed ``key``, ``tensor``'s dtype and shape, and its bytes into the hash ``h``.
+
+    The tensor's own buffer is hashed (a CPU tensor is not copied). Used by the weights
+    fingerprint and by the hash of the rows that identify a store's data.
+    """
+    t = tensor.detach().cpu().contiguous()
+    h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .._plumbing.fingerprint import hash_tensor
 from .source import BatchSource
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -44,10 +45,7 @@ def describe_transform(transform: Any) -> str:
 def _digest(rows: list[tuple[int, torch.Tensor]]) -> str:
     h = hashlib.sha256()
     for row, x in rows:
-        t = x.detach().cpu().contiguous()
-        h.update(f"{row}|{t.dtype}|{tuple(t.shape)}".encode())
-        if t.numel():
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        hash_tensor(h, row, x)
     return h.hexdigest()
 
 
