@@ -23,14 +23,10 @@ file and, for a CSV file, the line.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
-import math
 import operator
 import os
 import re
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,6 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from .broden_csv import MAX_LABEL, check_path, parse_float, parse_int, read_csv, short
 from .concepts import Concept, rgb_to_tensor
 from .images import (
     MAX_IMAGE_PIXELS,
@@ -49,14 +46,12 @@ from .images import (
     decode_image,
     header_size,
     read_file_bytes,
-    read_utf8_text,
     shown,
 )
 
 log = logging.getLogger(__name__)
 
 INDEX_COLUMNS = ("image", "split", "ih", "iw", "sh", "sw")
-MAX_LABEL = 65535
 """Largest label number: a label PNG holds ``R + 256 * G`` in two 8-bit channels."""
 MAX_PLANE_PIXELS = 1 << 26
 """Largest pixel-label plane (``sh x sw``): 8192 x 8192, 512 MiB as int64."""
@@ -64,8 +59,6 @@ MAX_ITEM_LABEL_PIXELS = 1 << 28
 """Largest ``planes x sh x sw`` of one item: 2 GiB as int64."""
 _NUMBERLIKE = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
 _CATEGORY_ENTRY = re.compile(r"([^()]+)\(([0-9]{1,18})\)")
-_MISSING_HINT = (": a Broden folder needs index.csv, category.csv, label.csv and "
-                 "c_<category>.csv (download broden1_224, or write one with write_broden)")
 
 
 class BrodenLabel(NamedTuple):
@@ -177,92 +170,6 @@ def encode_label_png(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _short(text: str, limit: int = 60) -> str:
-    """``repr(text)`` for a message, cut to about ``limit`` characters."""
-    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
-
-
-def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
-    """The rows of a CSV file as ``(line number, row dict)``, header and rows checked."""
-    text = read_utf8_text(path, shown(path), _MISSING_HINT, "Broden CSV files are UTF-8")
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        lines = [(reader.line_num, row) for row in reader if row]
-    except csv.Error as exc:
-        reason = str(exc)
-        if "field larger than field limit" in reason:
-            reason = (f"a field is longer than {csv.field_size_limit()} characters (a missing "
-                      "closing quote, or not a Broden CSV file)")
-        raise DataError(f"{path} line {reader.line_num}: {reason}") from None
-    if not lines:
-        raise DataError(f"{path} is empty: expected a header with columns {list(required)}")
-    if not text.endswith(("\n", "\r")):  # every Broden writer ends each line with a break
-        raise DataError(f"{path} line {lines[-1][0]}: the file ends inside this line (no line "
-                        "break after it): it may be cut short; if it is complete, end it with a "
-                        "line break")
-    line, header = lines[0]
-    header = [h.strip() for h in header]
-    columns = _short(",".join(header), 200)
-    duplicates = sorted(h for h, n in Counter(header).items() if n > 1)
-    if duplicates:
-        raise DataError(f"{path} line {line}: header {columns} names the columns {duplicates} "
-                        "more than once; a column must appear once")
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise DataError(f"{path} line {line}: header {columns} lacks the columns {missing}; is "
-                        "the file cut short, or not from this Broden folder?")
-    for line, row in lines[1:]:
-        if len(row) != len(header):
-            raise DataError(
-                f"{path} line {line}: malformed row with {len(row)} fields, expected "
-                f"{len(header)} ({columns}); fix or remove the row"
-            )
-    return [(line, dict(zip(header, row, strict=True))) for line, row in lines[1:]]
-
-
-def _parse_int(
-    value: str, path: Path, line: int, column: str, minimum: int = 0, maximum: int = MAX_LABEL
-) -> int:
-    value = value.strip()
-    # ASCII digits only, and few of them: int() of a 5000-digit string raises ValueError
-    if value.isascii() and value.isdigit() and len(value) < 20:
-        number = int(value)
-        if minimum <= number <= maximum:
-            return number
-    raise DataError(
-        f"{path} line {line}: malformed row: column {column!r} is {_short(value)}, "
-        f"expected an integer in [{minimum}, {maximum}]"
-    )
-
-
-def _parse_float(value: str, path: Path, line: int, column: str) -> float:
-    value = value.strip()
-    if not value:
-        return 0.0
-    try:
-        out = float(value)
-    except ValueError:
-        out = math.nan
-    if not math.isfinite(out):
-        raise DataError(
-            f"{path} line {line}: malformed row: column {column!r} is {_short(value)}"
-        )
-    return out
-
-
-def _check_path(name: str, path: Path, line: int, column: str) -> None:
-    """Refuse a path of index.csv that is absolute or climbs out of images/ with '..'."""
-    problem = (  # (NUL characters never get here: read_utf8_text refuses NUL bytes)
-        "is an absolute path" if name[0] in "/\\" or name[1:2] == ":"
-        else "climbs out of the folder with '..'"
-        if ".." in name and ".." in re.split(r"[/\\]", name)
-        else None
-    )
-    if problem is not None:
-        raise DataError(f"{path} line {line}: {column} path {_short(name)} {problem}; paths in "
-                        "index.csv are relative to images/ and must stay inside the folder")
-
-
 class Broden(Dataset):
     """The Broden concept dataset, read exactly as published (a :class:`ConceptDataset`).
 
@@ -355,9 +262,9 @@ class Broden(Dataset):
     def _read_labels(self) -> dict[int, BrodenLabel]:
         path = self.root / "label.csv"
         labels: dict[int, BrodenLabel] = {}
-        for line, row in _read_csv(path, ("number", "name", "category", "frequency",
+        for line, row in read_csv(path, ("number", "name", "category", "frequency",
                                           "coverage", "syns")):
-            number = _parse_int(row["number"], path, line, "number")
+            number = parse_int(row["number"], path, line, "number")
             if number == 0:  # "-" placeholder, never a concept
                 continue
             if number in labels:
@@ -368,7 +275,7 @@ class Broden(Dataset):
                 if match is None:
                     raise DataError(
                         f"{path} line {line}: malformed row: category "
-                        f"{_short(row['category'])}; expected entries like "
+                        f"{short(row['category'])}; expected entries like "
                         "'material(36);object(3)'"
                     )
                 cats[match.group(1).strip()] = int(match.group(2))
@@ -376,8 +283,8 @@ class Broden(Dataset):
                 number=number,
                 name=row["name"],
                 categories=cats,
-                frequency=_parse_float(row["frequency"], path, line, "frequency"),
-                coverage=_parse_float(row["coverage"], path, line, "coverage"),
+                frequency=parse_float(row["frequency"], path, line, "frequency"),
+                coverage=parse_float(row["coverage"], path, line, "coverage"),
                 syns=tuple(s for s in row["syns"].split(";") if s),
             )
         if not labels:
@@ -387,12 +294,12 @@ class Broden(Dataset):
     def _read_category_names(self) -> list[str]:
         path = self.root / "category.csv"
         names: list[str] = []
-        for line, row in _read_csv(path, ("name",)):
+        for line, row in read_csv(path, ("name",)):
             name = row["name"].strip()
             if (not name or name in INDEX_COLUMNS or name in names
                     or any(c in name for c in "/\\\0")):
                 raise DataError(
-                    f"{path} line {line}: bad or repeated category name {_short(name)} (a "
+                    f"{path} line {line}: bad or repeated category name {short(name)} (a "
                     "category name is a distinct word, without '/' or '\\', used in "
                     "c_<category>.csv)"
                 )
@@ -407,9 +314,9 @@ class Broden(Dataset):
             path = self.root / f"c_{cat}.csv"
             seen: set[int] = set()
             # coverage decides each label's primary category: required, never assumed 0
-            for line, row in _read_csv(path, ("code", "number", "coverage")):
-                _parse_int(row["code"], path, line, "code", maximum=2**31 - 1)
-                number = _parse_int(row["number"], path, line, "number")
+            for line, row in read_csv(path, ("code", "number", "coverage")):
+                parse_int(row["code"], path, line, "code", maximum=2**31 - 1)
+                number = parse_int(row["number"], path, line, "number")
                 if number == 0:
                     continue
                 if number in seen:
@@ -420,7 +327,7 @@ class Broden(Dataset):
                         f"{path} line {line}: label {number} is not in label.csv; "
                         "the c_*.csv files and label.csv disagree"
                     )
-                cov = _parse_float(row["coverage"], path, line, "coverage")
+                cov = parse_float(row["coverage"], path, line, "coverage")
                 coverage.setdefault(number, []).append((cov, position))
         for number, label in self.labels.items():  # listed in label.csv but in no c_ file
             if number not in coverage:
@@ -438,7 +345,7 @@ class Broden(Dataset):
         rows: list[_Row] = []
         zero_labels: dict[str, int] = {}
         seen_splits: set[str] = set()
-        table = _read_csv(path, (*INDEX_COLUMNS, *self.categories))
+        table = read_csv(path, (*INDEX_COLUMNS, *self.categories))
         if not table:
             raise DataError(f"{path} lists no images (only its header): is it cut short?")
         for line, row in table:
@@ -448,11 +355,11 @@ class Broden(Dataset):
             image = row["image"].strip()
             if not image:
                 raise DataError(f"{path} line {line}: malformed row: empty image path")
-            _check_path(image, path, line, "image")
-            ih = _parse_int(row["ih"], path, line, "ih", 1, MAX_IMAGE_PIXELS)
-            iw = _parse_int(row["iw"], path, line, "iw", 1, MAX_IMAGE_PIXELS)
-            sh = _parse_int(row["sh"], path, line, "sh", 1, MAX_PLANE_PIXELS)
-            sw = _parse_int(row["sw"], path, line, "sw", 1, MAX_PLANE_PIXELS)
+            check_path(image, path, line, "image")
+            ih = parse_int(row["ih"], path, line, "ih", 1, MAX_IMAGE_PIXELS)
+            iw = parse_int(row["iw"], path, line, "iw", 1, MAX_IMAGE_PIXELS)
+            sh = parse_int(row["sh"], path, line, "sh", 1, MAX_PLANE_PIXELS)
+            sw = parse_int(row["sw"], path, line, "sw", 1, MAX_PLANE_PIXELS)
             if ih * iw > MAX_IMAGE_PIXELS or sh * sw > MAX_PLANE_PIXELS:
                 raise DataError(f"{path} line {line}: ih x iw = {ih}x{iw} or sh x sw = {sh}x{sw} "
                                 f"is more than {MAX_IMAGE_PIXELS} or {MAX_PLANE_PIXELS} pixels")
@@ -478,11 +385,11 @@ class Broden(Dataset):
                         labels.append((cat, number))
                     elif _NUMBERLIKE.fullmatch(token):
                         raise DataError(
-                            f"{path} line {line}: malformed row: {cat} entry {_short(token)} "
+                            f"{path} line {line}: malformed row: {cat} entry {short(token)} "
                             "is neither a label number nor a PNG file name"
                         )
                     else:
-                        _check_path(token, path, line, cat)
+                        check_path(token, path, line, cat)
                         planes.append((cat, token))
                 annotated.append(len(planes) + len(labels) > n_before)
             if len(planes) * sh * sw > MAX_ITEM_LABEL_PIXELS:
