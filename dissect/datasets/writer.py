@@ -46,6 +46,14 @@ def _imwrite(path: Path, array: np.ndarray, params: list[int] | None = None) -> 
         raise DataError(f"could not write {path}: check the folder is writable and has space")
 
 
+def _decimal(value: float) -> str:
+    """``value`` as a fixed-point decimal with a point and every digit its shortest round-trip
+    repr needs (``7.97e-05`` -> ``0.0000797``, ``3.0`` -> ``3.0``): NetDissect-Lite's loader
+    reads a number only when it matches ``\\d+\\.\\d*`` and keeps any other text, exponents
+    included, as a string."""
+    return np.format_float_positional(float(value), unique=True, trim="0")
+
+
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     tmp = path.with_name(path.name + ".partial")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -245,7 +253,7 @@ def write_broden(
         label_rows.append([
             c.number, c.name, ";".join(f"{k}({frequency[c.number, k]})" for k in cats),
             sum(frequency[c.number, k] for k in cats),
-            f"{sum(coverage[c.number, k] for k in cats):f}",
+            _decimal(sum(coverage[c.number, k] for k in cats)),
             ";".join(getattr(known.get(c.number), "syns", ()) if isinstance(known, dict) else ()),
         ])
     if moved:
@@ -257,7 +265,7 @@ def write_broden(
         dense = sorted(numbers, key=lambda n: (-frequency[n, cat], -coverage[n, cat], n))
         _write_csv(
             root / f"c_{cat}.csv", ["code", "number", "name", "frequency", "coverage"],
-            [[code, n, lookup[n].name, frequency[n, cat], repr(float(coverage[n, cat]))]
+            [[code, n, lookup[n].name, frequency[n, cat], _decimal(coverage[n, cat])]
              for code, n in enumerate(dense, start=1)],
         )
         category_rows.append([cat, numbers[0] if numbers else 0, numbers[-1] if numbers else 0,
