@@ -110,6 +110,70 @@ class TopK:
         self.values = state["values"].to(self.values.device, self.values.dtype)
 
 
+def top_rows(
+    read: Callable[[int, int], np.ndarray],
+    n: int,
+    units: int,
+    k: int,
+    *,
+    chunk_rows: int | None = None,
+) -> np.ndarray:
+    """Each column's ``k`` largest rows of an ``(n, U)`` array read in chunks: memory is
+    bounded by a chunk, not by ``n``.
+
+    Equals ``np.argsort(-v, axis=0, kind="stable")[:k].T`` with ``v`` the whole array and its
+    non-finite values (NaN, ``+inf``, ``-inf``) replaced by ``-inf``: largest first, ties (and
+    the non-finite values, which rank last) by the lower row.
+
+    Parameters
+    ----------
+    read
+        ``read(start, stop)`` returns rows ``[start, stop)`` as a ``(stop - start, U)`` array.
+    n, units
+        Number of rows and of columns ``U``.
+    k
+        How many rows to keep per column (at most ``n``).
+    chunk_rows
+        Rows per read (default: about 4M values per chunk).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(U, min(k, n))`` int64 row numbers, best first.
+    """
+    k = min(k, n)
+    chunk_rows = chunk_rows or max(1, (1 << 22) // max(1, units))
+    best_v: np.ndarray | None = None  # (k', U) kept values, rows ascending in each column
+    best_r: np.ndarray | None = None
+    start = 0
+    while start < n:
+        block = np.asarray(read(start, min(n, start + chunk_rows)), dtype=np.float64)
+        block = np.where(np.isfinite(block), block, -np.inf)
+        rows = np.broadcast_to(np.arange(start, start + len(block))[:, None], block.shape)
+        start += len(block)
+        if best_v is not None:  # earlier rows first: rows stay ascending in every column
+            block = np.concatenate([best_v, block])
+            rows = np.concatenate([best_r, rows])
+        if len(block) <= k:
+            best_v, best_r = block, np.ascontiguousarray(rows)
+            continue
+        # the k-th largest value t of each column: keep every value above t, then the values
+        # equal to t in row order until k are kept (the lowest rows win ties, as argsort's)
+        t = -np.partition(-block, k - 1, axis=0)[k - 1]
+        above = block > t
+        tied = block == t
+        room = k - above.sum(axis=0)
+        keep = above | (tied & (np.cumsum(tied, axis=0) <= room))
+        col, pos = np.nonzero(keep.T)  # column-major: each column's kept rows ascending
+        pos = pos.reshape(units, k).T
+        best_v = np.take_along_axis(block, pos, axis=0)
+        best_r = np.take_along_axis(rows, pos, axis=0)
+    if best_v is None:
+        return np.zeros((units, 0), dtype=np.int64)
+    order = np.argsort(-best_v, axis=0, kind="stable")  # ties keep the ascending rows
+    return np.take_along_axis(best_r, order, axis=0).T.astype(np.int64)
+
+
 def quantile_ranks(n: int, level: float) -> tuple[int, int, float]:
     """Where numpy's linear ``quantile(values, level)`` looks in the sorted values.
 
@@ -405,14 +469,16 @@ def _radix_order_stats(
     selection (three passes), and each row's number of non-finite values.
 
     Each pass histograms the next digit of the values' order-preserving 32-bit keys among the
-    values whose higher digits match the prefix found so far (both order statistics from the
-    same pass); memory is ``rows * 4096`` counts per rank, whatever the data size. Exact,
-    including ties. Non-finite values have top digits no finite value has
-    (:data:`NONFINITE_TOP_DIGITS`): the first histogram counts them and then drops them, so the
-    ranks are taken among each row's finite values and no later digit can match them. With
-    ``collective`` the histograms of all processes are summed (exact int64) before each digit
-    is chosen. ``on_nonfinite`` (see :func:`exact_quantiles`) costs one sum per batch of the
-    first pass.
+    values whose higher digits match the prefix found so far. Both order statistics come from
+    the same three passes over the data, with one ``bincount`` per batch: a single histogram
+    while their higher digits agree in every row (always for the first digit, usually for all),
+    else one of twice the bins, the second statistic's after the first's. Memory is ``rows *
+    4096`` counts per rank, whatever the data size. Exact, including ties. Non-finite values
+    have top digits no finite value has (:data:`NONFINITE_TOP_DIGITS`): the first histogram
+    counts them and then drops them, so the ranks are taken among each row's finite values and
+    no later digit can match them. With ``collective`` the histograms of all processes are
+    summed (exact int64) before each digit is chosen. ``on_nonfinite`` (see
+    :func:`exact_quantiles`) costs one sum per batch of the first pass.
     """
     row_ids = torch.arange(rows, device=device)
     stats = 2
@@ -422,7 +488,10 @@ def _radix_order_stats(
     bad = np.zeros(rows, dtype=np.int64)
     for depth, (shift, bits) in enumerate(RADIX_DIGITS):
         size = 1 << bits
-        parts = 1 if depth == 0 else stats  # the first digit's histogram serves both
+        # the first digit's histogram serves both statistics, and so does any later one
+        # while both have the same higher digits in every row (the usual case)
+        same = depth == 0 or bool(torch.equal(prefix[0], prefix[1]))
+        parts = 1 if same else stats
         counts = torch.zeros(parts * rows * size, dtype=torch.int64, device=device)
         for i, batch in enumerate(batches()):
             batch = batch.to(device, torch.float32)
@@ -434,9 +503,13 @@ def _radix_order_stats(
                     on_nonfinite(i, batch)
                 continue
             high = keys >> (shift + bits)
-            for i in range(stats):
-                counts[i * rows * size : (i + 1) * rows * size] += torch.bincount(
-                    flat[high == prefix[i, :, None]], minlength=rows * size)
+            if same:  # one histogram serves both order statistics
+                counts[: rows * size] += torch.bincount(flat[high == prefix[0, :, None]],
+                                                        minlength=rows * size)
+            else:  # both in one bincount: the second statistic's bins follow the first's
+                picked = torch.cat([flat[high == prefix[0, :, None]],
+                                    flat[high == prefix[1, :, None]] + rows * size])
+                counts += torch.bincount(picked, minlength=stats * rows * size)
         if collective is not None:
             counts = collective.all_sum(counts)
         counts = counts.view(parts, rows, size)
@@ -448,6 +521,7 @@ def _radix_order_stats(
             counts[0, :, high_start:] = 0
             lo, hi = _finite_ranks(n - bad, level)
             target = torch.from_numpy(np.stack([lo, hi])).to(device)
+        if same:
             counts = counts.expand(stats, rows, size)
         cum = below[:, :, None] + counts.cumsum(dim=2)
         chosen = torch.searchsorted(cum, target[:, :, None], right=True)[:, :, 0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from .._plumbing.device import PreparedModel, prepared
 from .._plumbing.items import split_item, stack_inputs
 from .._plumbing.progress import progress_bar
 from ..errors import DataError, DissectError, StoreError
+from ..stats import top_rows
 from ..store import ActivationStore
 from ._common import check_method, one_layer
 from ._rules import report_others
@@ -193,8 +194,9 @@ def _paste(projections: torch.Tensor, p: _Pair, grad: torch.Tensor) -> None:
 
 
 def _store_maxima(store: ActivationStore, name: str, units: list[int], dataset: Any,
-                  run: PreparedModel) -> torch.Tensor:
-    """The store's per-image maxima of ``units`` (rows are dataset positions)."""
+                  run: PreparedModel) -> tuple[Callable[[int, int], np.ndarray], int]:
+    """A reader of the store's per-image maxima of ``units`` (rows are dataset positions):
+    ``read(start, stop)`` gives rows ``[start, stop)``; and the number of rows."""
     if not isinstance(store, ActivationStore):
         raise DissectError(f"store must be an ActivationStore, not {type(store).__name__}")
     saved = store.meta.get("fingerprint")
@@ -202,14 +204,14 @@ def _store_maxima(store: ActivationStore, name: str, units: list[int], dataset: 
         raise StoreError(
             f"{store.path} was captured from another model (or other weights) than this one: "
             "capture a store of this model, or pass store=None to scan the dataset")
-    maxima = store.maxima(name)
-    units_in_range(units, maxima.shape[1], name)
+    n = len(store)
+    units_in_range(units, store.maxima(name, 0, 1).shape[1], name)
     if not store.complete:
-        log.warning("%s is incomplete: using its %d written rows", store.path, len(maxima))
-    if len(maxima) > len(dataset):
-        raise DataError(f"{store.path} has {len(maxima)} rows but the dataset only "
+        log.warning("%s is incomplete: using its %d written rows", store.path, n)
+    if n > len(dataset):
+        raise DataError(f"{store.path} has {n} rows but the dataset only "
                         f"{len(dataset)} items: pass the dataset the store was captured from")
-    return torch.from_numpy(np.asarray(maxima)[:, units]).float()
+    return (lambda start, stop: np.asarray(store.maxima(name, start, stop))[:, units]), n
 
 
 def top_patches(
@@ -304,11 +306,13 @@ def top_patches(
         if store is None:
             scan = _scan(model, module, name, dataset, range(n), units, batch_size,
                          num_workers, run, progress, f"maxima {name}")
-            values = scan.values
+            values = scan.values.numpy()
+            read, n_rows = (lambda start, stop: values[start:stop]), len(values)
         else:
-            values = _store_maxima(store, name, units, dataset, run)
-        k = min(k, len(values))
-        order = torch.sort(values, dim=0, descending=True, stable=True).indices[:k]  # (k, U)
+            read, n_rows = _store_maxima(store, name, units, dataset, run)
+        k = min(k, n_rows)
+        # (k, U), streamed over the rows: memory bounded by a chunk of the store
+        order = torch.from_numpy(top_rows(read, n_rows, len(units), k).T)
         chosen = sorted(set(order.flatten().tolist()))
         if store is not None:  # positions (and exact values) of the chosen images only
             scan = _scan(model, module, name, dataset, chosen, units, batch_size, num_workers,

@@ -35,7 +35,7 @@ from ..distributed import resolve as resolve_distributed
 from ..errors import DissectError
 from ..hooks.capture import capture
 from ..hooks.layers import LayerSelector
-from ..stats import exact_quantiles
+from ..stats import exact_quantiles, top_rows
 from ..store import ActivationStore
 from .result import DissectionResult
 from .tally import IoUTally
@@ -317,9 +317,10 @@ def _dissect_store(
                     {k: ctx.all_sum(v) for k, v in tally.state_dict().items()}
                 )
         iou[name] = tally.result()
-        maxima = store.maxima(name)  # a non-finite maximum ranks last, as if -inf
-        maxima = np.where(np.isfinite(maxima), maxima, -np.inf)
-        order = np.argsort(-maxima, axis=0, kind="stable")[: min(k, len(maxima))].T
+        # streamed in chunks (memory bounded by a chunk, not by the store's rows); a
+        # non-finite maximum ranks last, as if -inf
+        order = top_rows(lambda a, b, layer=name: store.maxima(layer, a, b), len(index),
+                         store[name].shape[1], k)
         top[name] = index[order]
     meta = {"store": str(store.path), "model": store.meta.get("model"),
             "stored_dtype": str(stored_dtype), "n_images": int(len(index)),

@@ -179,11 +179,15 @@ class ActivationStore:
         """Lazy dataset of the captured gradients of ``layer`` (same shape as activations)."""
         return self._layer("gradients", layer)
 
-    def maxima(self, layer: str) -> np.ndarray:
-        """Per-sample spatial maxima of every channel, ``(N, C)`` float32, read into memory."""
+    def maxima(self, layer: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Per-sample spatial maxima of every channel, ``(N, C)`` float32, read into memory.
+
+        ``start``/``stop`` read only rows ``[start, stop)`` of the written ones (a chunk, for
+        streaming over a large store)."""
         ds = self._layer("maxima", layer)
+        stop = self.n_written if stop is None else min(stop, self.n_written)
         with self._reading(f"/maxima/{layer}"):
-            return ds[: self.n_written]
+            return ds[start:stop]
 
     @property
     def index(self) -> np.ndarray:
