@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,3 +127,16 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _annotation_cache_folder(tmp_path_factory):
+    """Every test's annotation caches go to one temporary folder, never ~/.cache."""
+    folder = tmp_path_factory.mktemp("dissect-cache")
+    saved = os.environ.get("DISSECT_CACHE_DIR")
+    os.environ["DISSECT_CACHE_DIR"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("DISSECT_CACHE_DIR", None)
+    else:
+        os.environ["DISSECT_CACHE_DIR"] = saved

@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from .annotation_cache import file_stamps
 from .broden_csv import MAX_LABEL, check_path, parse_float, parse_int, read_csv, short
 from .concepts import Concept, rgb_to_tensor
 from .images import (
@@ -423,6 +424,18 @@ class Broden(Dataset):
     def label_files(self, i: int) -> list[Path]:
         """Paths of the pixel-label PNGs of item ``i``, in plane order."""
         return [self.root / "images" / name for _, name in self._rows[i].planes]
+
+    def cache_identity(self) -> dict[str, Any]:
+        """What identifies this dataset's annotations for the annotation cache
+        (:mod:`dissect.datasets.annotation_cache`): the folder, split and categories, and the
+        size and modification time of the CSV files and of every label PNG the rows name."""
+        files = [self.root / name for name in ("index.csv", "category.csv", "label.csv")]
+        files += [self.root / f"c_{cat}.csv" for cat in self.categories]
+        files += [os.path.join(self._images_dir, name) for row in self._rows
+                  for _, name in row.planes]
+        return {"dataset": "Broden", "root": str(self.root.resolve()), "split": self.split,
+                "categories": self.categories, "items": len(self),
+                "files": file_stamps(files, self.root)}
 
     def item_categories(self, i: int) -> tuple[list[str], list[str]]:
         """The category of each pixel-label plane and each image-level label of item ``i``."""
