@@ -17,10 +17,13 @@ gives another key, so a stale cache is never read; a label PNG rewritten in plac
 size and the same modification time would not be noticed. Delete the folder to reclaim the
 space. Datasets without ``cache_identity()`` are not cached.
 
-The file (HDF5, ``lzf``-compressed) holds, per stored item, its label planes as uint16 (label
-numbers above 65535 are not cached: the dataset is read as is), its image-level labels and
-its ``annotated`` flags, and ``item_row``: for every dataset item its stored position (-1:
-not stored).
+The file (HDF5) holds, per stored item, its label planes as runs of one label in row-major
+order (``values`` uint16, ``lengths`` uint32: label planes are piecewise constant, so a plane of
+112 x 112 pixels takes a few hundred runs; label numbers above 65535 are not cached and the
+dataset is read as is), its image-level labels and ``annotated`` flags, and ``item_row``: for
+every dataset item its stored position (-1: not stored). A batch is rebuilt with one
+``numpy.repeat`` of its runs (zero runs pad the items with fewer planes): about 10x faster
+than decoding Broden's label PNGs.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "DISSECT_CACHE_DIR"
 FORMAT = "torch-dissect annotation cache"
-VERSION = 1
+VERSION = 2
 MAX_CACHED_LABEL = 65535
 _KEYS = ("pixel_labels", "image_labels", "annotated", "index")
 
@@ -58,18 +61,19 @@ def cache_folder(folder: str | Path | None = None) -> Path:
     return Path(base).expanduser() / "annotations"
 
 
-def file_stamps(paths: list[Path] | list[str], root: Path) -> str:
-    """A hash of each file's path (relative to ``root``), size and modification time (ns), in
+def file_stamps(root: str | Path, names: list[str]) -> str:
+    """A hash of each file's name (relative to ``root``), size and modification time (ns), in
     order: what a cache key needs to notice a changed file. A missing file hashes as missing
     (reading it will fail later with the dataset's own error)."""
     digest = hashlib.sha256()
-    for path in paths:
+    root = str(root)
+    for name in names:
         try:
-            st = os.stat(path)
+            st = os.stat(os.path.join(root, name))
             stamp = f"{st.st_size}:{st.st_mtime_ns}"
         except OSError:
             stamp = "missing"
-        digest.update(f"{os.path.relpath(path, root)}\0{stamp}\n".encode())
+        digest.update(f"{name}\0{stamp}\n".encode())
     return digest.hexdigest()
 
 
@@ -106,6 +110,7 @@ class _Reader:
         self.file, self.path = file, path
         self.item_row = file["item_row"][:]
         self.plane_start = file["plane_start"][:]
+        self.run_start = file["run_start"][:]
         self.label_start = file["label_start"][:]
         self.annotated = file["annotated"][:]
         self.size = tuple(int(v) for v in file.attrs["size"])
@@ -113,43 +118,75 @@ class _Reader:
     def covers(self, items: np.ndarray) -> bool:
         return bool(len(items) == 0 or (self.item_row[items] >= 0).all())
 
+    def _runs(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+        """The runs of the stored items ``pos`` (each a ``(values, lengths)`` pair of one
+        read when the items are stored consecutively), the first run's number, and each
+        item's first plane."""
+        planes = self.plane_start[pos]
+        if len(pos) and (np.diff(pos) == 1).all():
+            r0, r1 = self.run_start[planes[0]], self.run_start[self.plane_start[pos[-1] + 1]]
+            return self.file["values"][r0:r1], self.file["lengths"][r0:r1], int(r0), planes
+        parts = [(self.file["values"][a:b], self.file["lengths"][a:b]) for a, b in
+                 ((self.run_start[self.plane_start[p]], self.run_start[self.plane_start[p + 1]])
+                  for p in pos)]
+        values = np.concatenate([v for v, _ in parts]) if parts else np.zeros(0, np.uint16)
+        lengths = np.concatenate([n for _, n in parts]) if parts else np.zeros(0, np.uint32)
+        return values, lengths, -1, planes
+
     def batch(self, items: np.ndarray) -> dict[str, Any]:
         pos = self.item_row[items]
         B = len(pos)
         counts = self.plane_start[pos + 1] - self.plane_start[pos]
         n_labels = self.label_start[pos + 1] - self.label_start[pos]
         sh, sw = self.size
-        planes = np.zeros((B, int(counts.max(initial=0)), sh, sw), dtype=np.int64)
+        P = int(counts.max(initial=0))
         labels = np.zeros((B, int(n_labels.max(initial=0))), dtype=np.int64)
         try:
-            if B and (np.diff(pos) == 1).all():  # consecutive items: one read of each array
-                first, last = self.plane_start[pos[0]], self.plane_start[pos[-1] + 1]
-                block = self.file["planes"][first:last]
-                lab = self.file["labels"][self.label_start[pos[0]]:self.label_start[pos[-1] + 1]]
-                for b in range(B):
-                    p0 = self.plane_start[pos[b]] - first
-                    planes[b, : counts[b]] = block[p0 : p0 + counts[b]]
-                    l0 = self.label_start[pos[b]] - self.label_start[pos[0]]
-                    labels[b, : n_labels[b]] = lab[l0 : l0 + n_labels[b]]
+            values, lengths, r0, firsts = self._runs(pos)
+            if r0 >= 0:  # consecutive items: one read
+                l0 = self.label_start[pos[0]]
+                block = self.file["labels"][l0 : self.label_start[pos[-1] + 1]]
+                for b, p in enumerate(pos):
+                    start = self.label_start[p] - l0
+                    labels[b, : n_labels[b]] = block[start : start + n_labels[b]]
             else:
                 for b, p in enumerate(pos):
-                    planes[b, : counts[b]] = self.file["planes"][
-                        self.plane_start[p] : self.plane_start[p + 1]]
                     labels[b, : n_labels[b]] = self.file["labels"][
                         self.label_start[p] : self.label_start[p + 1]]
         except (OSError, RuntimeError) as exc:
             raise DissectError(f"reading the annotation cache {self.path} failed ({exc}): "
                                "delete the file and rerun (it is rebuilt)") from exc
+        # each item's runs, then one zero run per missing plane, then one numpy.repeat
+        seg_v, seg_n, at = [], [], 0
+        pad_v, pad_n = np.zeros(P, np.uint16), np.full(P, sh * sw, np.uint32)
+        for b in range(B):
+            if r0 >= 0:
+                a = self.run_start[firsts[b]] - r0
+                z = self.run_start[firsts[b] + counts[b]] - r0
+            else:
+                a = at
+                z = at = at + (self.run_start[firsts[b] + counts[b]]
+                               - self.run_start[firsts[b]])
+            seg_v += [values[a:z], pad_v[: P - counts[b]]]
+            seg_n += [lengths[a:z], pad_n[: P - counts[b]]]
+        flat_v = np.concatenate(seg_v).astype(np.int64) if seg_v else np.zeros(0, np.int64)
+        flat_n = np.concatenate(seg_n) if seg_n else np.zeros(0, np.uint32)
+        if int(flat_n.sum()) != B * P * sh * sw:
+            raise DissectError(f"the annotation cache {self.path} is inconsistent: delete it "
+                               "and rerun (it is rebuilt)")
+        planes = np.repeat(flat_v, flat_n).reshape(B, P, sh, sw)
         return {"pixel_labels": torch.from_numpy(planes),
                 "image_labels": torch.from_numpy(labels),
                 "annotated": torch.from_numpy(self.annotated[pos]),
                 "index": torch.from_numpy(np.asarray(items, dtype=np.int64))}
 
-
     def raw(self, i: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         """Dataset item ``i`` as stored: ``(i, planes, labels, annotated)``."""
         p = self.item_row[i]
-        return (int(i), self.file["planes"][self.plane_start[p] : self.plane_start[p + 1]],
+        P = int(self.plane_start[p + 1] - self.plane_start[p])
+        a, z = self.run_start[self.plane_start[p]], self.run_start[self.plane_start[p + 1]]
+        planes = np.repeat(self.file["values"][a:z], self.file["lengths"][a:z])
+        return (int(i), planes.reshape(P, *self.size),
                 self.file["labels"][self.label_start[p] : self.label_start[p + 1]],
                 self.annotated[p])
 
@@ -188,13 +225,13 @@ class _Writer:
         f.attrs["size"] = np.asarray(size, dtype=np.int64)
         sh, sw = size
         f.create_dataset("item_row", data=np.full(n_items, -1, dtype=np.int64))
-        f.create_dataset("planes", (0, sh, sw), maxshape=(None, sh, sw), dtype=np.uint16,
-                         chunks=(max(1, min(64, (1 << 20) // max(1, 2 * sh * sw))), sh, sw),
-                         compression="lzf")
+        for name, dtype in (("values", np.uint16), ("lengths", np.uint32)):
+            f.create_dataset(name, (0,), maxshape=(None,), dtype=dtype, chunks=(1 << 16,))
         f.create_dataset("labels", (0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
         f.create_dataset("annotated", (0, n_categories), maxshape=(None, n_categories),
                          dtype=bool, chunks=(4096, max(1, n_categories)))
         self.plane_start, self.label_start, self.items = [0], [0], []
+        self.run_start = [0]
         self.item_row = np.full(n_items, -1, dtype=np.int64)
 
     def fits(self, batch: dict[str, Any]) -> bool:
@@ -206,15 +243,26 @@ class _Writer:
     def add(self, items: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]) -> None:
         """Append items ``(dataset position, planes (P, sh, sw), labels (L,), annotated)``."""
         f = self.file
-        for i, planes, labels, _ in items:
+        values, lengths, labels = [], [], []
+        for i, planes, lab, _ in items:
             self.item_row[i] = len(self.items)
             self.items.append(i)
             self.plane_start.append(self.plane_start[-1] + len(planes))
-            self.label_start.append(self.label_start[-1] + len(labels))
-        for name, col, dtype in (("planes", 1, np.uint16), ("labels", 2, np.int64)):
-            parts = [it[col] for it in items if len(it[col])]
-            if parts:
-                block = np.concatenate(parts).astype(dtype, copy=False)
+            self.label_start.append(self.label_start[-1] + len(lab))
+            labels.append(np.asarray(lab, dtype=np.int64))
+            flat = np.asarray(planes).reshape(len(planes), -1)
+            if flat.size == 0:
+                continue
+            change = np.ones(flat.shape, dtype=bool)  # a run starts at each plane's start
+            change[:, 1:] = flat[:, 1:] != flat[:, :-1]
+            starts = np.flatnonzero(change)
+            values.append(flat.ravel()[starts].astype(np.uint16))
+            lengths.append(np.diff(np.append(starts, flat.size)).astype(np.uint32))
+            per_plane = change.sum(axis=1)
+            self.run_start.extend((self.run_start[-1] + np.cumsum(per_plane)).tolist())
+        for name, parts in (("values", values), ("lengths", lengths), ("labels", labels)):
+            block = np.concatenate(parts) if parts else np.zeros(0)
+            if len(block):
                 ds = f[name]
                 at = len(ds)
                 ds.resize(at + len(block), axis=0)
@@ -234,6 +282,7 @@ class _Writer:
         f["item_row"][:] = self.item_row
         f.create_dataset("plane_start", data=np.asarray(self.plane_start, dtype=np.int64))
         f.create_dataset("label_start", data=np.asarray(self.label_start, dtype=np.int64))
+        f.create_dataset("run_start", data=np.asarray(self.run_start, dtype=np.int64))
         f.close()
         os.replace(self.tmp, self.path)
 

@@ -429,13 +429,13 @@ class Broden(Dataset):
         """What identifies this dataset's annotations for the annotation cache
         (:mod:`dissect.datasets.annotation_cache`): the folder, split and categories, and the
         size and modification time of the CSV files and of every label PNG the rows name."""
-        files = [self.root / name for name in ("index.csv", "category.csv", "label.csv")]
-        files += [self.root / f"c_{cat}.csv" for cat in self.categories]
-        files += [os.path.join(self._images_dir, name) for row in self._rows
-                  for _, name in row.planes]
+        tables = ["index.csv", "category.csv", "label.csv"]
+        tables += [f"c_{cat}.csv" for cat in self.categories]
+        planes = [name for row in self._rows for _, name in row.planes]
         return {"dataset": "Broden", "root": str(self.root.resolve()), "split": self.split,
                 "categories": self.categories, "items": len(self),
-                "files": file_stamps(files, self.root)}
+                "tables": file_stamps(self.root, tables),
+                "planes": file_stamps(self._images_dir, planes)}
 
     def item_categories(self, i: int) -> tuple[list[str], list[str]]:
         """The category of each pixel-label plane and each image-level label of item ``i``."""
