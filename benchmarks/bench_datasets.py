@@ -6,6 +6,13 @@ never asserts timings. The Broden-format data are written here with ``write_brod
 224 px images, 112 px segmentations, 4 label planes and up to 2 image-level labels each).
 The "PIL loop" row decodes the same files the way the original NetDissect loader does (PIL
 imread, ``R + 256 * G`` in numpy, one process) for comparison.
+
+The annotation-cache rows time what a dissection's counting pass reads: the label planes,
+image-level labels and flags of every item, in batches of 64, one process. "decode" is
+``annotation_batches(..., cache=False)`` (``Broden.annotations``: the label PNGs decoded each
+time, as every run did before the cache, and as NetDissect-Lite does); "cache" is the same call
+reading the cache written by a first pass (timed too). Medians of 5 alternating repeats; the
+ratio is decode over cache (target >= 5x).
 """
 
 from __future__ import annotations
@@ -86,6 +93,38 @@ def bench_pil_loop(root: Path) -> dict:
     }
 
 
+def bench_annotation_cache(root: Path, cache: Path, repeats: int) -> list[dict]:
+    """Annotations from the cache vs decoded from the PNGs (see the module docstring)."""
+    import statistics
+
+    from dissect.datasets.annotation_cache import annotation_batches
+
+    ds = Broden(root)
+    items = np.arange(len(ds))
+
+    def run(where) -> float:
+        start = time.perf_counter()
+        with annotation_batches(ds, items, 64, cache=where) as batches:
+            for _ in batches:
+                pass
+        return time.perf_counter() - start
+
+    first = run(cache)
+    decode, cached = [], []
+    for _ in range(repeats):
+        decode.append(run(False))
+        cached.append(run(cache))
+    d, c = statistics.median(decode), statistics.median(cached)
+    return [
+        {"what": "annotations: decode label PNGs (no cache)", "items": len(ds), "seconds": d,
+         "items_per_s": _rate(len(ds), d)},
+        {"what": "annotations: first pass, writing the cache", "items": len(ds),
+         "seconds": first, "items_per_s": _rate(len(ds), first)},
+        {"what": f"annotations: from the cache ({d / c:.1f}x decode)", "items": len(ds),
+         "seconds": c, "items_per_s": _rate(len(ds), c)},
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
@@ -114,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         for workers in (0, 2):
             results.append(bench_broden(root, workers, batch_size=32))
         results.append(bench_pil_loop(root))
+        results.extend(bench_annotation_cache(root, root / "cache", 3 if args.quick else 5))
 
     print(
         f"bench_datasets ({'quick' if args.quick else 'full'}; {os.cpu_count()} CPUs, "
