@@ -71,7 +71,10 @@ class ConceptDataset(Protocol):
     Batch items with :func:`collate`. Datasets may also implement
     ``item_categories(i) -> (plane_categories, label_categories)``, the category of each
     pixel-label plane and of each image-level label of item ``i``; :func:`write_broden` uses it
-    (and otherwise infers them from the labels' primary categories).
+    (and otherwise infers them from the labels' primary categories). ``annotations(i)``: item
+    ``i`` without ``"image"`` (scoring skips decoding the photograph). ``cache_identity()``: a
+    JSON-able description of everything the annotations depend on; datasets that have it get
+    their decoded label planes cached on disk (:mod:`dissect.datasets.annotation_cache`).
     """
 
     categories: list[str]
