@@ -57,6 +57,7 @@ class TopK:
         self.values = torch.empty(rows, 0, device=device, dtype=dtype)
         self._pending: list[torch.Tensor] = []
         self._pending_cols = 0
+        self._floor: torch.Tensor | None = None
         self.count = 0
 
     def _compact(self) -> None:
@@ -66,17 +67,40 @@ class TopK:
             if both.shape[1] > self.k:
                 both = both.topk(self.k, dim=1, sorted=False).values
             self.values = both
+            # the k-th largest value kept so far: nothing at or below it can enter the top k
+            self._floor = both.amin(dim=1, keepdim=True) if both.shape[1] == self.k else None
 
     def add(self, batch: torch.Tensor) -> None:
         """Add ``(rows, n)`` new values (one column per observation).
 
-        Batches are buffered and reduced once the buffer holds ``k`` columns, so the cost is
-        amortized over the stream rather than paid per batch.
+        Once ``k`` values per row are kept, a batch's values at or below each row's ``k``-th
+        largest so far are dropped on arrival (they cannot change the kept multiset; ties
+        included), so the buffer holds only candidates and memory stays near ``rows * k``
+        values plus one batch. Batches are buffered and reduced once the buffer holds ``k``
+        columns, so the cost is amortized over the stream rather than paid per batch.
         """
         if batch.ndim != 2 or batch.shape[0] != self.rows:
             raise DissectError(f"TopK.add expects ({self.rows}, n), got {tuple(batch.shape)}")
         self.count += batch.shape[1]
-        self._pending.append(batch.to(self.values))
+        batch = batch.to(self.values)
+        floor = self._floor
+        if floor is not None and batch.shape[1] > 64:
+            # in pieces of about 1M values, so the masks and copies stay small
+            step = max(64, (1 << 20) // max(1, self.rows))
+            parts = []
+            for piece in batch.split(step, dim=1):
+                keep = piece > floor
+                most = int(keep.sum(dim=1).max())
+                if most == 0:
+                    continue
+                if 2 * most < piece.shape[1]:  # the candidates of every row, as few columns
+                    piece = piece.masked_fill(~keep, -math.inf).topk(most, dim=1,
+                                                                     sorted=False).values
+                parts.append(piece)
+            if not parts:
+                return
+            batch = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        self._pending.append(batch)
         self._pending_cols += batch.shape[1]
         if self._pending_cols >= max(self.k, 1024):
             self._compact()
@@ -97,6 +121,7 @@ class TopK:
         """Move the running values in place; returns ``self``."""
         self._compact()
         self.values = self.values.to(device)
+        self._floor = None  # recomputed at the next compaction
         return self
 
     def state_dict(self) -> dict[str, Any]:
@@ -108,6 +133,7 @@ class TopK:
         """Restore a tally saved by :meth:`state_dict`."""
         self.rows, self.k, self.count = int(state["rows"]), int(state["k"]), int(state["count"])
         self.values = state["values"].to(self.values.device, self.values.dtype)
+        self._pending, self._pending_cols, self._floor = [], 0, None
 
 
 def top_rows(

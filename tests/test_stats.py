@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +99,34 @@ def test_radix_path_reads_the_batches_three_times():
     assert len(calls) == 3  # one pass per digit, both order statistics at once
     finite = [row[np.isfinite(row)] for row in data]
     np.testing.assert_array_equal(got, [np.quantile(f, 0.99) for f in finite])
+
+
+def test_topk_drops_values_below_its_floor_exactly():
+    """Once k values are kept, later batches are filtered against the k-th largest so far:
+    the kept multiset must equal a full sort, ties and -inf included."""
+    from dissect.stats import TopK
+
+    rng = np.random.default_rng(7)
+    for k in (1, 5, 70, 300):
+        top = TopK(3, k)
+        seen = []
+        for _ in range(12):
+            batch = torch.from_numpy(rng.integers(0, 6, (3, int(rng.integers(1, 400))))
+                                     .astype(np.float32))
+            batch[0, ::7] = -math.inf
+            top.add(batch)
+            seen.append(batch)
+        full = torch.cat(seen, dim=1).sort(dim=1, descending=True).values[:, :k]
+        assert torch.equal(top.result(), full)
+
+
+def test_radix_order_statistics_with_different_high_digits():
+    """The two order statistics of numpy's interpolation may differ in their high digits
+    (then both histograms share one bincount): still exact."""
+    from dissect.stats import exact_quantiles
+
+    values = np.concatenate([np.full(50, 1.0), np.full(50, 2.0 ** 40)]).astype(np.float32)
+    rows = np.stack([values, -values, np.random.default_rng(0).permutation(values)])
+    level = 0.5  # ranks 49 and 50: 1.0 and 2**40
+    got = exact_quantiles(lambda: [torch.from_numpy(rows)], 3, 100, level, memory_values=1)
+    np.testing.assert_array_equal(got, np.quantile(rows, level, axis=1).astype(np.float32))
