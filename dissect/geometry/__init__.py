@@ -1,0 +1,33 @@
+"""Representation geometry of a layer's rows: embeddings, intrinsic dimension, concentration.
+
+- :func:`embed`: the rows of one layer in a few dimensions: PCA (exact, streamed), t-SNE
+  (openTSNE) or UMAP (umap-learn); an :class:`Embedding` with ``plot(labels=...)``;
+- :func:`intrinsic_dimension`: TwoNN (Facco et al. 2017), scikit-dimension's variant, on exact
+  nearest-neighbour distances;
+- :func:`distance_concentration`: the mean relative contrast ``(d_max - d_min) / d_min`` of
+  random query rows (how much nearest neighbours still mean);
+- :func:`intrinsic_dimension_curve`, :func:`distance_concentration_curve`: either across
+  layers, a :class:`LayerCurve` (``.layers``, ``.values``, ``plot()``).
+
+t-SNE and UMAP need the ``geometry`` extra: ``pip install 'torch-dissect[geometry]'``.
+
+Modules: :mod:`.embedding`, :mod:`.intrinsic`, :mod:`.concentration`, :mod:`.curves`,
+:mod:`.result` (:class:`Embedding`, :class:`LayerCurve`).
+"""
+
+from .concentration import distance_concentration
+from .curves import distance_concentration_curve, intrinsic_dimension_curve
+from .embedding import embed
+from .intrinsic import intrinsic_dimension, twonn_fit
+from .result import Embedding, LayerCurve
+
+__all__ = [
+    "Embedding",
+    "LayerCurve",
+    "distance_concentration",
+    "distance_concentration_curve",
+    "embed",
+    "intrinsic_dimension",
+    "intrinsic_dimension_curve",
+    "twonn_fit",
+]
