@@ -8,7 +8,8 @@ Public API (re-exported names only; each lives in a module named for what it doe
 
 ``import dissect`` stays light: the analyses (and torchvision, OpenCV, matplotlib) load on first
 use of their names. Each also has its module: ``dissect.netdissect``, ``dissect.deconvnet``,
-``dissect.actmax``, ``dissect.probes``, ``dissect.attribution``, ``dissect.report``.
+``dissect.actmax``, ``dissect.probes``, ``dissect.attribution``, ``dissect.similarity``,
+``dissect.geometry``, ``dissect.report``.
 """
 
 from importlib import import_module
@@ -38,6 +39,16 @@ _LAZY = {  # public name -> (module, attribute)
     "occlusion": ("attribution", "occlusion"),
     "grad_cam": ("attribution", "grad_cam"),
     "write_report": ("report", "write_report"),
+    "cka": ("similarity", "cka"),
+    "cka_matrix": ("similarity", "cka_matrix"),
+    "SimilarityResult": ("similarity", "SimilarityResult"),
+    "embed": ("geometry", "embed"),
+    "Embedding": ("geometry", "Embedding"),
+    "intrinsic_dimension": ("geometry", "intrinsic_dimension"),
+    "distance_concentration": ("geometry", "distance_concentration"),
+    "intrinsic_dimension_curve": ("geometry", "intrinsic_dimension_curve"),
+    "distance_concentration_curve": ("geometry", "distance_concentration_curve"),
+    "LayerCurve": ("geometry", "LayerCurve"),
 }
 
 __all__ = [

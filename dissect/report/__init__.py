@@ -15,6 +15,10 @@ anything. Every part is optional; the report shows what is there:
 ``deconv/<layer>/unit_K.png``   deconvnet patches
 ``probes.json``                 :meth:`ProbeResult.to_json <dissect.probes.ProbeResult.to_json>`
 ``attribution/attribution.json``  photographs and their attribution overlays
+``layers/*.json``               ``dissect similarity``: CKA (:class:`~dissect.similarity.
+                                SimilarityResult`), intrinsic dimension and relative contrast
+                                curves, a PCA embedding (``layers/labels.npy`` colours it) and
+                                nearest examples (``layers/nearest.json``, thumbnails)
 ==============================  ============================================================
 
 The site goes to ``RESULTS/report/`` (``index.html``, one page per layer, ``attribution.html``),
@@ -117,6 +121,40 @@ def _overview(run: dict[str, Any], result: Any) -> str:
 
 
 @renamed_kwargs(out="out_dir")
+def _layers_page(results: Path, report: Path) -> str:
+    """The Layers page from ``results/layers`` (figures re-drawn from the saved results)."""
+    import numpy as np
+
+    from ..geometry import Embedding, LayerCurve
+    from ..similarity import SimilarityResult
+
+    src = results / "layers"
+    figures_dir = report / "figures"
+    figs = []
+    cka = SimilarityResult.from_json(src / "similarity.json")
+    figs.append(("Layer similarity (CKA)", cka.plot(figures_dir / "similarity.png"),
+                 "CKA between every pair of layers"))
+    for name, heading in (("intrinsic_dimension", "Intrinsic dimension (TwoNN) across depth"),
+                          ("relative_contrast", "Distance concentration across depth")):
+        if (src / f"{name}.json").exists():
+            curve = LayerCurve.from_json(src / f"{name}.json")
+            figs.append((heading, curve.plot(figures_dir / f"{name}.png"), heading))
+    if (src / "embedding.json").exists():
+        emb = Embedding.from_json(src / "embedding.json")
+        labels = np.load(src / "labels.npy") if (src / "labels.npy").exists() else None
+        names = (_read_json(src / "label_names.json")
+                 if (src / "label_names.json").exists() else None)
+        figs.append((f"{emb.method.upper()} of {emb.layer}",
+                     emb.plot(labels=labels, path=figures_dir / "embedding.png", names=names),
+                     f"2-D embedding of {emb.layer}"))
+    figures = [(h, str(Path(p).relative_to(report)), alt) for h, p, alt in figs]
+    nearest = _read_json(src / "nearest.json") if (src / "nearest.json").exists() else None
+    if nearest:
+        nearest["images"] = {row: _copy(src / rel, report, f"img/layers/{rel}")
+                             for row, rel in nearest.get("images", {}).items()}
+    return pages.layers_body(figures, nearest)
+
+
 def write_report(results: str | Path, out_dir: str | Path | None = None) -> Path:
     """Render the report of a results folder.
 
@@ -153,11 +191,13 @@ def write_report(results: str | Path, out_dir: str | Path | None = None) -> Path
     actmax = _load_actmax(results)
     attribution_file = results / "attribution" / "attribution.json"
     attributions = _read_json(attribution_file) if attribution_file.exists() else []
-    if result is None and probes is None and not attributions:
+    has_layers = (results / "layers" / "similarity.json").exists()
+    if result is None and probes is None and not attributions and not has_layers:
         raise DissectError(
-            f"{results} holds no results (netdissect.json, probes.json or "
-            "attribution/attribution.json): run `dissect demo`, `dissect netdissect` or "
-            "`dissect probe` with --out pointing there first"
+            f"{results} holds no results (netdissect.json, probes.json, "
+            "attribution/attribution.json or layers/similarity.json): run `dissect demo`, "
+            "`dissect netdissect`, `dissect probe` or `dissect similarity` with --out "
+            "pointing there first"
         )
     report.mkdir(parents=True, exist_ok=True)
     assets = resources.files(__package__) / "assets"
@@ -171,6 +211,8 @@ def write_report(results: str | Path, out_dir: str | Path | None = None) -> Path
         nav += [(layer, pages.layer_page_name(layer)) for layer in result.layers]
     if attributions:
         nav.append(("attribution", "attribution.html"))
+    if has_layers:
+        nav.append(("layers", "layers.html"))
 
     body = [_overview(run, result)]
     method = run.get("deconv_method", "deconvnet")
@@ -212,6 +254,11 @@ def write_report(results: str | Path, out_dir: str | Path | None = None) -> Path
         body.append('<h2>Attribution maps</h2><p><a href="attribution.html">'
                     f"{len(entries)} photographs</a>: Integrated Gradients, Grad-CAM, "
                     "occlusion.</p>")
+    if has_layers:
+        (report / "layers.html").write_text(
+            pages.page("layers: similarity and geometry", _layers_page(results, report), nav))
+        body.append('<h2>Layers</h2><p><a href="layers.html">Layer similarity (CKA), '
+                    "intrinsic dimension, an embedding and nearest examples</a>.</p>")
     index = report / "index.html"
     index.write_text(pages.page(title, "".join(body), nav))
     log.info("wrote the report to %s", index)

@@ -167,3 +167,35 @@ def attribution_body(entries: Sequence[dict[str, Any]]) -> str:
     return ('<p class="meta">Integrated Gradients and occlusion: absolute attribution; '
             "Grad-CAM: positive part. Brighter (warmer) means more credit for the predicted "
             f'class.</p><div class="photos">{"".join(blocks)}</div>')
+
+
+def layers_body(figures: Sequence[tuple[str, str, str]], nearest: dict[str, Any] | None) -> str:
+    """The Layers page: ``figures`` as ``(heading, src, alt)`` (CKA heatmap, intrinsic
+    dimension, relative contrast, embedding), then each query image's nearest examples in
+    the layers ``nearest`` (as ``dissect similarity`` writes it; images relative to the page)
+    lists."""
+    parts = [f"<h2>{esc(heading)}</h2>{figure(src, alt)}" for heading, src, alt in figures]
+    if nearest:
+        images = nearest.get("images", {})
+        index = nearest.get("index", {})
+        for entry in nearest.get("entries", []):
+            parts.append(f"<h2>Nearest examples in {esc(entry['layer'])} "
+                         f"({esc(nearest.get('metric', 'cosine'))} distance)</h2>")
+            rows = []
+            for query, found, dist in zip(entry["queries"], entry["rows"], entry["distances"],
+                                          strict=True):
+                cells = [_thumb(images, index, query, "query")]
+                cells += [_thumb(images, index, row, f"d = {d:.3f}")
+                          for row, d in zip(found, dist, strict=True)]
+                rows.append(cells)
+            header = ["query"] + [f"#{i + 1}" for i in range(len(entry["rows"][0]))]
+            parts.append(table(header, rows, raw=True))
+    return "".join(parts) or "<p>No layer results in this folder.</p>"
+
+
+def _thumb(images: dict[str, str], index: dict[str, int], row: int, caption: str) -> str:
+    item = index.get(str(row), row)
+    src = images.get(str(row))
+    img = (f'<img src="{esc(src)}" loading="lazy" alt="item {esc(item)}"><br>'
+           if src else "")
+    return f"{img}item {esc(item)}<br>{esc(caption)}"
