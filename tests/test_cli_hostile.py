@@ -219,6 +219,7 @@ def base(env: Env, command: str, tag: str) -> list[str]:
                        "--out", str(r / tag), "--unit-images", "1", "-k", "2", *run],
         "probe": [str(env.store), "--labels", "targets", "--out", str(r / tag), "--reg", "1",
                   *run],
+        "similarity": [str(env.store), "--out", str(r / tag), *run],
         "attribute": [env.model, "--image", str(env.imgs), "--method", "saliency",
                       "--out", str(r / tag), "--steps", "4", "--samples", "4",
                       "--window", "8", "--stride", "8", *run],

@@ -120,7 +120,6 @@ def _overview(run: dict[str, Any], result: Any) -> str:
     return pages.table(["", ""], rows)
 
 
-@renamed_kwargs(out="out_dir")
 def _layers_page(results: Path, report: Path) -> str:
     """The Layers page from ``results/layers`` (figures re-drawn from the saved results)."""
     import numpy as np
@@ -155,6 +154,7 @@ def _layers_page(results: Path, report: Path) -> str:
     return pages.layers_body(figures, nearest)
 
 
+@renamed_kwargs(out="out_dir")
 def write_report(results: str | Path, out_dir: str | Path | None = None) -> Path:
     """Render the report of a results folder.
 
