@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dissect.netdissect.active_pixels import (
+    KernelEmulation,
     _axis,
     _count_keys,
     active_intervals,
     active_mask_dense,
     active_pixels,
     flat_nonzero,
+    kernel_emulation,
 )
 
 
@@ -89,19 +92,28 @@ def test_maps_with_nan_or_infinity_equal_dense():
     torch.testing.assert_close(_sparse_as_dense(maps, thr, (20, 20)), dense)
 
 
-@pytest.mark.parametrize("shape, size", [((2, 8, 6, 6), (50, 50)), ((2, 16, 7, 7), (112, 112))])
-def test_settling_modes(shape, size):
-    # thresholds equal to upsampled values force settling; both settle paths must be exact
+@pytest.mark.parametrize("shape, size", [((2, 8, 6, 6), (50, 50)), ((2, 16, 7, 7), (112, 112)),
+                                         ((2, 19, 5, 5), (37, 37))])
+@pytest.mark.parametrize("emulated", [True, False])
+def test_settling_modes(shape, size, emulated):
+    # thresholds equal to upsampled values force settling; every settle path must be exact: the
+    # emulated kernel, and F.interpolate of single maps or (where single maps round differently,
+    # as for 19 channels at 37x37) of whole images, for channels without a verified formula
     g = torch.Generator().manual_seed(7)
     maps = torch.randn(*shape, generator=g)
     up = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
     thr = torch.stack([up[0, k].flatten()[(k * 31) % 400] for k in range(shape[1])])
     cache: dict = {}
+    emu = kernel_emulation(maps, thr, size, cache)
+    assert bool((emu.formula >= 0).all())  # this build's kernel is among the candidates
+    if not emulated:
+        key = next(key for key in cache if key[0] == "emulation")
+        cache[key] = KernelEmulation(np.full(shape[1], -1), emu.axes, emu.fused)
     b, k, y, x = active_pixels(maps, thr, size, cache)
     out = torch.zeros(*shape[:2], *size, dtype=torch.bool)
     out[b, k, y, x] = True
     torch.testing.assert_close(out, active_mask_dense(maps, thr, size))
-    assert any(key[0] == "single" for key in cache)
+    assert any(key[0] == "single" for key in cache) == (not emulated)
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -14,73 +14,168 @@ computed in closed form: the work is per cell row (:func:`active_intervals` retu
 grid in closed form too (:func:`_count_keys`, no binary search). Values are computed in float64 and
 compared with a margin that bounds any float32 implementation's rounding (the weights' error grows
 with the input size), widened by a relative 2**-20 so that float64 rounding (~1e-16 of the values)
-can never matter: a pixel computed exactly on a bound may go either way. The rare pixels inside the
-margin are settled by ``F.interpolate`` itself (:func:`settle`), and so is every pixel of a map
-holding a NaN or an infinity, or a value of magnitude ``>= HUGE`` (where float32 upsampling may
-overflow): no margin is meaningful there. So the result always equals :func:`active_mask_dense`,
-``(up > T) & isfinite(up)`` with ``up = F.interpolate(maps, size, mode="bilinear",
-align_corners=False)``, exactly, on any device. PyTorch's CPU kernel rounds differently for some
-shapes (a ``(K, 1, h, w)`` call can differ from a ``(1, K, h, w)`` one in the last bit; a per-image
-call matches the whole batch), so settling upsamples only the affected maps when a one-time check
-on the layer's first image shows single maps round like whole images, and the affected images' full
-``(1, K, h, w)`` tensors otherwise.
+can never matter: a pixel computed exactly on a bound may go either way.
+
+The rare pixels inside the margin are *settled* (:func:`settle`) by the value ``F.interpolate``
+computes, bit for bit: recomputed from the pixel's four corners with PyTorch's own float32
+arithmetic (:func:`kernel_emulation`: its source coordinates and weights, and the association and
+fused multiply-adds of its sum, which depend on the build and on the loop PyTorch picks for the
+shape and the channel; the candidates are checked bit for bit against ``F.interpolate`` once per
+layer geometry, device and thread mode, on maps mixing the layer's first image with ties,
+plateaus at ``T``, subnormal and widely spread values, and each channel keeps the first that
+matches). The check is empirical: a formula that matches there is trusted everywhere (for
+finite maps below ``HUGE``), and a flush-to-zero mode switched on later
+(``torch.set_flush_denormal``) would not be seen. Channels no candidate reproduces (e.g. a GPU
+kernel whose fused multiply-adds are not among them), and maps holding a NaN, an infinity or a
+value of magnitude ``>= HUGE`` (where float32 upsampling may overflow; no margin is meaningful
+there: every pixel is settled), are settled by ``F.interpolate`` itself: of the affected single
+maps when a one-time check on the layer's first image shows they round like whole images
+(PyTorch's CPU kernel rounds differently for some shapes: a ``(K, 1, h, w)`` call can differ
+from a ``(1, K, h, w)`` one in the last bit, its channels-last loop summing vector lanes and the
+scalar tail in different orders), of the affected images' ``(1, K, h, w)`` tensors otherwise.
+
+*The sign rule.* A margin relative to a map's largest value makes every exact zero of a unit with
+``T = 0`` (a unit firing on fewer than 0.5% of the positions, after a ReLU) unsure, so those maps
+are decided without margin and without settling: a map whose values are all ``<= 0`` has no pixel
+above 0 (each product of a value ``<= 0`` with a weight ``>= 0`` is ``<= 0``, and so is every
+rounded sum or fused multiply-add of such terms). On a map whose values are all ``>= 0`` a pixel
+is above 0 exactly when a corner it reads with a nonzero float32 weight is positive: every term is
+``>= 0``, a zero weight or value gives an exact 0, and a positive value ``p`` times nonzero
+weights ``wy, wx`` is at least ``p wy wx``; when that is ``>= 2**-125`` (a normal float32) for the
+map's smallest positive value, no product underflows, whatever the order of the products and sums
+and with or without fused multiply-adds (rounding is monotone and 2**-125 is a float32), so the
+rounded sum is positive. Which weights are nonzero is decided in float64 (:func:`support_ranges`):
+a float32 source coordinate is within ``3 * 2**-24 * in_size`` of the exact one, so away from a
+band of ``2**-20 * (in_size + 1)`` around integers the float32 cell and the zero-ness of both
+weights are those of the exact coordinate, and the nonzero weights are at least half the
+coordinate's distance to an integer (which bounds the smallest positive value the rule accepts).
+Within the band (an exactly integer coordinate, e.g. output 18 of 5 -> 37) a weight may be 0 or
+tiny: with a fused multiply-add, output 1 of 1 -> 3 has ``src = fl(fl(1/3) * 1.5 - 0.5) = 1.5e-8``
+(nonzero float32 weights are not ``>= 2**-24`` in general: only source coordinates ``>= 0.5``
+are multiples of 2**-24). There a pixel is active when a corner it surely reads (weight ~1) is
+positive, inactive when no corner it may read is, and settled otherwise. Maps whose smallest
+positive value is too small for the bound (subnormal values, say), or that mix signs, take the
+margin path; so do thresholds other than 0 (a plateau at ``T``, e.g. ReLU6 at 6, is settled
+pixel by pixel by the emulated kernel).
+
+So the result always equals :func:`active_mask_dense`, ``(up > T) & isfinite(up)`` with
+``up = F.interpolate(maps, size, mode="bilinear", align_corners=False)``, exactly, on any device.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-EPS32 = 2.0**-23
-HUGE = 2.0**126  # maps reaching this magnitude are settled whole (float32 sums may overflow)
+from ._grid import (  # noqa: F401 - EPS32, axis_ranges: public here since the first release
+    EPS32,
+    HUGE,
+    _Axis,
+    _axis,
+    axis_ranges,
+    flat_nonzero,
+    margin_coefficient,
+    spans,
+)
+from .settle import (  # noqa: F401 - the settling API, public here since the first release
+    FORMULAS,
+    KernelEmulation,
+    emulate,
+    emulate_pixels,
+    fma32,
+    kernel_axis,
+    kernel_emulation,
+    settle,
+)
+
 CHUNK_PIXELS = 1 << 16  # cell rows per step
+SIGN_TOLERANCE = 2.0**-20  # per input size: band around integer source coordinates
+SIGN_PRODUCT = 2.0**-125  # the sign rule needs p * wy * wx above this for positive p
+
+log = logging.getLogger(__name__)
+
+
+
+def support_ranges(in_size: int, out_size: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """For every output coordinate of one axis, the input indices that its float32 bilinear
+    weights surely make nonzero and those they possibly make nonzero (the sign rule's geometry,
+    see the module docstring).
+
+    With ``src = (o + 0.5) * in / out - 0.5`` in float64 and ``tol = SIGN_TOLERANCE * (in + 1)``
+    (several times the float32 error of ``src``): a coordinate within ``tol`` of an integer ``n``
+    surely reads ``n`` (weight ~1) and possibly ``n - 1`` and ``n + 1``; otherwise it reads
+    exactly ``{0}`` left of the clamped border, ``{in - 1}`` in the last cell and
+    ``{floor(src), floor(src) + 1}`` elsewhere, each weight nonzero. An unchanged size copies:
+    ``{o}``.
+
+    Returns
+    -------
+    slo, shi, plo, phi, wmin
+        ``(out_size,)`` int64 each: the sure indices ``slo..shi`` and the possible ones
+        ``plo..phi`` (ranges of one to three indices, ``plo <= slo <= shi <= phi``, all
+        non-decreasing in ``o``); and a lower bound of every nonzero weight of a sure index.
+    """
+    o = np.arange(out_size, dtype=np.int64)
+    if in_size == out_size:
+        return o, o.copy(), o.copy(), o.copy(), 1.0
+    src = (o + 0.5) * (in_size / out_size) - 0.5
+    tol = SIGN_TOLERANCE * (in_size + 1)
+    near = np.rint(src)
+    band = np.abs(src - near) <= tol
+    cell = np.minimum(np.floor(np.maximum(src, 0.0)), in_size - 1).astype(np.int64)
+    inner = (src > 0) & (cell < in_size - 1) & ~band
+    n = np.clip(near, 0, in_size - 1).astype(np.int64)
+    slo = np.where(band, n, cell)
+    shi = np.where(band, n, np.where(inner, cell + 1, cell))
+    plo = np.where(band, np.maximum(n - 1, 0), slo)
+    phi = np.where(band, np.minimum(n + 1, in_size - 1), shi)
+    frac = (src - cell)[inner]
+    dist = np.minimum(frac, 1.0 - frac)
+    # a float32 weight is within tol / 5 of its float64 value, and dist > tol: >= 0.8 dist; the
+    # band's sure weight is ~1, and the last cell's two weights (one index) sum to 1
+    wmin = min(0.5, float(dist.min()) / 2) if dist.size else 0.5
+    return slo, shi, plo, phi, wmin
 
 
 @dataclass(frozen=True)
-class _Axis:
-    """For one axis: each output coordinate's weight and key, each cell's coordinate range."""
+class SignGeometry:
+    """:func:`support_ranges` of both axes of one layer geometry, for the sign rule.
 
-    upper: torch.Tensor  # (s,) upper source index of each cell (clamped at the border)
-    w1: torch.Tensor  # (S,) weight of the upper index for every output coordinate, float64
-    count: torch.Tensor  # (s,) number of output coordinates of each cell
-    start: torch.Tensor  # (s,) first output coordinate of each cell
-    keys: torch.Tensor  # (S,) 4 * cell + weight: ascending, each cell's weights in its own band
-    padded: torch.Tensor  # (S + 2,) keys between -inf and +inf (for :func:`_count_keys`)
-    ratio: float  # out_size / in_size
+    Attributes
+    ----------
+    y, x
+        ``(slo, shi, plo, pmid, phi)`` per axis as int64 tensors on the maps' device
+        (``pmid = min(plo + 1, phi)``: the possible indices are ``plo``, ``pmid``, ``phi``).
+    bound
+        The smallest positive value the rule accepts: ``SIGN_PRODUCT / (wmin_y * wmin_x)``.
+    arrays
+        The same ranges as numpy: ``(slo_y, shi_y, plo_y, phi_y, slo_x, shi_x, plo_x, phi_x)``.
+    """
 
-
-def _axis(in_size: int, out_size: int, device: torch.device) -> _Axis:
-    scale = in_size / out_size
-    out = torch.arange(out_size, dtype=torch.float64, device=device)
-    src = ((out + 0.5) * scale - 0.5).clamp(min=0)
-    cell = src.floor().long().clamp(max=in_size - 1)
-    w1 = src - cell.double()
-    counts = torch.bincount(cell, minlength=in_size)
-    start = torch.cumsum(counts, 0) - counts
-    upper = (torch.arange(in_size, device=device) + 1).clamp(max=in_size - 1)
-    keys = 4.0 * cell.double() + w1
-    inf = keys.new_tensor([float("inf")])
-    padded = torch.cat([-inf, keys, inf])
-    return _Axis(upper, w1, counts, start, keys, padded, out_size / in_size)
+    y: tuple[torch.Tensor, ...]
+    x: tuple[torch.Tensor, ...]
+    bound: float
+    arrays: tuple[np.ndarray, ...]
 
 
-def margin_coefficient(h: int, w: int) -> float:
-    """The rounding margin of an ``(h, w)`` map per unit of its largest magnitude:
-    ``m = margin_coefficient(h, w) * max|map| + 1e-30`` bounds how far any float32
-    implementation of the bilinear upsampling can round a value (the weights' error grows with
-    the input size)."""
-    return EPS32 * (2 * (max(h, w) + 1) + 8)
-
-
-def axis_ranges(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One axis' geometry as numpy: each input cell's first output coordinate and one past its
-    last (``(in_size,)`` int64 each), and every output coordinate's upper weight
-    (``(out_size,)`` float64), exactly as :func:`active_intervals` uses them."""
-    ax = _axis(in_size, out_size, torch.device("cpu"))
-    return ax.start.numpy(), (ax.start + ax.count).numpy(), ax.w1.numpy()
+def sign_geometry(h: int, w: int, size: tuple[int, int], device: torch.device | str,
+                  cache: dict) -> SignGeometry:
+    """The :class:`SignGeometry` of ``(h, w)`` maps upsampled to ``size`` (kept in ``cache``)."""
+    key = ("sign", h, w, tuple(size), str(device))
+    if key not in cache:
+        ry, rx = support_ranges(h, size[0]), support_ranges(w, size[1])
+        axes = []
+        for slo, shi, plo, phi, _ in (ry, rx):
+            pmid = np.minimum(plo + 1, phi)
+            axes.append(tuple(torch.from_numpy(a).to(device) for a in (slo, shi, plo, pmid, phi)))
+        cache[key] = SignGeometry(axes[0], axes[1], SIGN_PRODUCT / (ry[4] * rx[4]),
+                                  ry[:4] + rx[:4])
+    return cache[key]
 
 
 def _count_keys(ax: _Axis, cell: torch.Tensor, cell_f: torch.Tensor, start: torch.Tensor,
@@ -102,34 +197,6 @@ def _count_keys(ax: _Axis, cell: torch.Tensor, cell_f: torch.Tensor, start: torc
             - (ax.padded.index_select(0, est) > v).to(est.dtype))
 
 
-def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """Indices of the nonzero elements of a 1-D tensor (``torch.nonzero(mask)[:, 0]``).
-
-    On the CPU this goes through numpy's ``flatnonzero``: one pass where ``torch.nonzero``
-    makes two (0.09 vs 0.48 ms on 150k elements, 3.2 vs 5.3 ms on 3.2M, one thread). Two torch
-    threads halve ``torch.nonzero`` on large masks when timed alone, yet a whole
-    ``IoUTally.add`` loop measured 5-7% slower with it than with numpy. Elsewhere:
-    ``torch.nonzero``.
-    """
-    if mask.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(mask.numpy()))
-    return torch.nonzero(mask).squeeze(1)
-
-
-def spans(first: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expand spans ``[first[i], first[i] + counts[i])`` into their elements, vectorized.
-
-    Returns
-    -------
-    owner, value
-        For every element: the index ``i`` of its span, and its value ``first[i] + j`` (``j``
-        its position in the span). Spans come in order; empty spans add nothing.
-    """
-    owner = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-    starts = torch.cumsum(counts, 0) - counts
-    value = (first - starts).index_select(0, owner) + torch.arange(len(owner),
-                                                                   device=counts.device)
-    return owner, value
 
 
 def _row_range(corners: torch.Tensor, ci: torch.Tensor, ay: _Axis
@@ -182,8 +249,9 @@ def active_pixels(
     size
         Output size ``(sh, sw)``.
     cache
-        Optional dict kept by the caller across batches of one layer (geometry, and whether
-        ``F.interpolate`` of single maps rounds like whole images for this shape).
+        Optional dict kept by the caller across batches of one layer (geometry, the verified
+        kernel emulation, and whether ``F.interpolate`` of single maps rounds like whole images
+        for this shape).
 
     Returns
     -------
@@ -234,11 +302,30 @@ def active_intervals(
     low, high = torch.aminmax(values, dim=1)
     scale = torch.maximum(high.abs(), low.abs())  # max |map|
     margin = margin_coefficient(h, w) * scale.double() + 1e-30  # (B * K,)
-    reach = thr.repeat(B) - margin.float()
+    thr_maps = thr.repeat(B)  # (B * K,) each map's threshold
+    reach = thr_maps - margin.float()
     finite = scale < HUGE  # False for a NaN or an infinity too
-    live = flat_nonzero((high >= reach) & finite)
-    empty = torch.empty(0, dtype=torch.long, device=dev)
+    sure_parts: list[torch.Tensor] = []
     unsure_parts: list[torch.Tensor] = []
+    # the sign rule (T = 0, see the module docstring): maps <= 0 hold no active pixel; maps
+    # >= 0 whose positive values are not too small are decided by where they are positive
+    signed = (thr_maps == 0) & finite & ((low >= 0) | (high <= 0))
+    if bool(signed.any()):
+        geo = sign_geometry(h, w, size, dev, cache)
+        pos = flat_nonzero(signed & (high > 0))
+        if pos.numel():
+            v = values.index_select(0, pos)
+            smallest = torch.where(v > 0, v, torch.full_like(v, float("inf"))).amin(1)
+            small = pos[smallest.double() < geo.bound]
+            signed[small] = False  # the margin path decides those
+            by_sign = pos[smallest.double() >= geo.bound]
+            if by_sign.numel():
+                _visit_sign_maps(values, by_sign, K, (h, w), size, geo, sure_parts,
+                                 unsure_parts)
+        live = flat_nonzero((high >= reach) & finite & ~signed)
+    else:
+        live = flat_nonzero((high >= reach) & finite)
+    empty = torch.empty(0, dtype=torch.long, device=dev)
     if not bool(finite.all()):  # a NaN, an infinity or a huge value: settle every pixel
         bad = flat_nonzero(~finite)
         n = bad.numel()
@@ -247,7 +334,6 @@ def active_intervals(
         unsure_parts.append(torch.stack([(bad // K).repeat_interleave(sh * sw),
                                          (bad % K).repeat_interleave(sh * sw),
                                          yy.reshape(-1).repeat(n), xx.reshape(-1).repeat(n)]))
-    sure_parts: list[torch.Tensor] = []
     if live.numel():
         _visit_live_maps(maps, thr, margin, reach, live, ay, ax, sure_parts, unsure_parts)
     found = torch.cat(sure_parts, dim=1) if sure_parts else empty.view(5, 0)
@@ -257,6 +343,71 @@ def active_intervals(
         found = torch.cat([found, torch.cat([amb, amb[3:4] + 1])], dim=1)
     b, k, y, x0, x1 = found
     return b, k, y, x0, x1
+
+
+def _visit_sign_maps(
+    values: torch.Tensor,
+    ids: torch.Tensor,
+    K: int,
+    hw: tuple[int, int],
+    size: tuple[int, int],
+    geo: SignGeometry,
+    sure_parts: list[torch.Tensor],
+    unsure_parts: list[torch.Tensor],
+) -> None:
+    """The sign rule for maps ``ids`` (flat ``b * K + k``, threshold 0, values ``>= 0``, the
+    smallest positive one ``>= geo.bound``): a pixel is active when a corner it surely reads is
+    positive, unsure when only a corner it possibly reads is. Appends ``(5, n)`` intervals
+    ``b, k, y, x0, x1`` to ``sure_parts`` and ``(4, n)`` pixels ``b, k, y, x`` to
+    ``unsure_parts``. The work is per output row reading a positive input row (``w`` input
+    columns, then ``sw`` output pixels): it follows the active area, not the map's."""
+    h, w = hw
+    sh, sw = size
+    slo_y, shi_y, plo_y, pmid_y, phi_y = geo.y
+    slo_x, shi_x, plo_x, pmid_x, phi_x = geo.x
+    pos = values.index_select(0, ids).view(-1, h, w) > 0  # (M, h, w)
+    row_pos = pos.any(2)  # (M, h): input rows holding a positive value
+    may = (row_pos.index_select(1, plo_y) | row_pos.index_select(1, pmid_y)
+           | row_pos.index_select(1, phi_y))  # (M, sh): output rows possibly active
+    rows = flat_nonzero(may.reshape(-1))
+    flat = pos.view(-1, w)  # input rows
+    step = max(1, (CHUNK_PIXELS * 16) // max(1, sw))
+    for s in range(0, rows.numel(), step):
+        r = rows[s : s + step]
+        n = r.numel()
+        m, oy = r // sh, r % sh
+        base = m * h
+
+        def read(idx: torch.Tensor, oy: torch.Tensor = oy, base: torch.Tensor = base
+                 ) -> torch.Tensor:
+            return flat.index_select(0, base + idx.index_select(0, oy))  # (n, w)
+
+        # input columns positive in a surely / possibly read row, columns first: gathering
+        # rows of a (w, n) tensor is many times faster than columns of an (n, w) one
+        q_sure = (read(slo_y) | read(shi_y)).T.contiguous()
+        q_poss = (read(plo_y) | read(pmid_y) | read(phi_y)).T.contiguous()
+        sure = q_sure.index_select(0, slo_x) | q_sure.index_select(0, shi_x)  # (sw, n)
+        poss = (q_poss.index_select(0, plo_x) | q_poss.index_select(0, pmid_x)
+                | q_poss.index_select(0, phi_x))
+        mapid = ids.index_select(0, m)
+        # runs of sure pixels along each output row (a column of ``sure``): +1 where one
+        # starts, -1 one past its end; row-major order pairs the i-th start with the i-th end
+        padded = torch.zeros(n, sw + 2, dtype=torch.int8, device=sure.device)
+        padded[:, 1:-1] = sure.T
+        edge = (padded[:, 1:] - padded[:, :-1]).reshape(-1)  # (n * (sw + 1),)
+        start = flat_nonzero(edge == 1)
+        if start.numel():
+            end = flat_nonzero(edge == -1)
+            row = start // (sw + 1)
+            owner = mapid.index_select(0, row)
+            sure_parts.append(torch.stack([owner // K, owner % K, oy.index_select(0, row),
+                                           start % (sw + 1), end % (sw + 1)]))
+        un = flat_nonzero((poss & ~sure).T.reshape(-1))
+        if un.numel():
+            row = un // sw
+            owner = mapid.index_select(0, row)
+            unsure_parts.append(torch.stack([owner // K, owner % K, oy.index_select(0, row),
+                                             un % sw]))
 
 
 def _visit_live_maps(
@@ -357,63 +508,6 @@ def _visit_live_maps(
         s = e
 
 
-def _single_maps_round_alike(maps: torch.Tensor, size: tuple[int, int], cache: dict) -> bool:
-    """Whether upsampling maps one at a time gives the same bits as a whole image's maps.
-
-    PyTorch's CPU kernel picks its loop by shape, and for some shapes the rounding differs;
-    this is checked once per layer geometry on a real image (the code path depends on the
-    shape, not the values).
-    """
-    B, K, h, w = maps.shape
-    key = ("single", K, h, w, size, str(maps.device))
-    if key not in cache:
-        one = maps[:1]
-        whole = F.interpolate(one, size=size, mode="bilinear", align_corners=False)
-        single = F.interpolate(one.reshape(K, 1, h, w), size=size, mode="bilinear",
-                               align_corners=False)
-        cache[key] = torch.equal(whole.reshape(K, *size), single[:, 0])
-    return cache[key]
-
-
-def settle(
-    maps: torch.Tensor,
-    thr: torch.Tensor,
-    size: tuple[int, int],
-    coords: torch.Tensor,
-    cache: dict,
-) -> torch.Tensor:
-    """Decide pixels too close to call (and every pixel of a map holding a non-finite value)
-    with ``F.interpolate`` itself.
-
-    Parameters
-    ----------
-    maps, thr, size
-        The ``(B, K, h, w)`` float32 maps, ``(K,)`` float32 thresholds and output size.
-    coords
-        ``(4, n)`` long rows ``b, k, y, x``: the pixels to decide.
-    cache
-        As for :func:`active_pixels` (holds the one-time rounding check).
-
-    Returns
-    -------
-    torch.Tensor
-        ``(n,)`` bool for each pixel: its value ``v = F.interpolate(maps, size,
-        mode="bilinear", align_corners=False)[b, k, y, x]`` is finite and ``v > thr[k]``
-        (a pixel whose interpolation touches a NaN or an infinity with nonzero weight is
-        NaN or infinite, so never active).
-    """
-    B, K, h, w = maps.shape
-    b, k, y, x = coords
-    if _single_maps_round_alike(maps, size, cache):
-        uniq, inverse = torch.unique(b * K + k, return_inverse=True)
-        dense = F.interpolate(maps.reshape(B * K, 1, h, w)[uniq], size=size, mode="bilinear",
-                              align_corners=False)[:, 0]
-        value = dense[inverse, y, x]
-    else:
-        uniq, inverse = torch.unique(b, return_inverse=True)
-        dense = F.interpolate(maps[uniq], size=size, mode="bilinear", align_corners=False)
-        value = dense[inverse, k, y, x]
-    return (value > thr[k]) & torch.isfinite(value)
 
 
 def active_mask_dense(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]):

@@ -15,13 +15,13 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from .._plumbing.checks import positive_int
 from .._plumbing.deprecation import renamed_kwargs
@@ -29,7 +29,7 @@ from .._plumbing.device import PreparedModel, prepare_model, resolve_device
 from .._plumbing.finite import NonFiniteTally, merged_tallies
 from .._plumbing.progress import progress_bar
 from .._plumbing.store_layers import store_layers
-from ..datasets.concepts import collate
+from ..datasets.annotation_cache import annotation_batches
 from ..distributed import DistContext
 from ..distributed import resolve as resolve_distributed
 from ..errors import DissectError
@@ -37,26 +37,22 @@ from ..hooks.capture import capture
 from ..hooks.layers import LayerSelector
 from ..stats import exact_quantiles, top_rows
 from ..store import ActivationStore
+from .checkpoint import load_checkpoint, run_identity, save_checkpoint
 from .result import DissectionResult
-from .tally import IoUTally
+from .tally import AREAS, ENGINES, IoUTally
 
 log = logging.getLogger(__name__)
 
+@dataclass(frozen=True)
+class _Options:
+    """:func:`dissect`'s counting options, passed on to :func:`_dissect_store`."""
 
-class _Annotations(Dataset):
-    """A concept dataset's annotations in store row order (skipping images when possible)."""
-
-    def __init__(self, dataset: Any, index: np.ndarray) -> None:
-        self.dataset, self.index = dataset, index
-        self._light = callable(getattr(dataset, "annotations", None))
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, row: int) -> dict[str, Any]:
-        i = int(self.index[row])
-        item = self.dataset.annotations(i) if self._light else self.dataset[i]
-        return {k: item[k] for k in ("pixel_labels", "image_labels", "annotated", "index")}
+    engine: str = "auto"
+    area: str = "annotated"
+    checkpoint: Path | None = None
+    checkpoint_every: int = 50
+    overwrite: bool = False
+    annotation_cache: bool | str | Path | None = True
 
 
 def _check_dataset(dataset: Any) -> None:
@@ -84,6 +80,12 @@ def dissect(
     store_path: str | Path | None = None,
     k: int = 16,
     distributed: DistContext | bool | None = None,
+    engine: str = "auto",
+    area: str = "annotated",
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 50,
+    overwrite: bool = False,
+    annotation_cache: bool | str | Path | None = True,
 ) -> DissectionResult:
     """Score every unit of the chosen layers against every concept of a concept dataset.
 
@@ -131,6 +133,36 @@ def dissect(
         identical to a single process's. A model is captured across the ranks first
         (``store_path`` must then be on a filesystem every rank sees; the default temporary
         folder is rank 0's, which only works on one machine). Only rank 0 shows progress bars.
+    engine
+        How the counting runs (:class:`IoUTally`): ``"auto"`` (numba's compiled kernel on the
+        CPU when numba imports, vectorized torch ops elsewhere), ``"numba"`` or ``"torch"``.
+        Every engine gives the same counts.
+    area
+        Which images a unit's active area counts on for a category (the ``A`` of
+        ``IoU = I / (A + L - I)``): ``"annotated"`` (default): every image on which the
+        category is annotated; ``"lite"``: NetDissect-Lite's rule, only the images where one
+        of the unit's active pixels carries a label of that category (or the image has an
+        image-level label of it). ``"lite"`` reproduces published NetDissect-Lite numbers; it
+        shrinks the union, so small object and part concepts score higher (up to ~45% on
+        small concepts).
+    checkpoint
+        A file to make the counting resumable: the thresholds, and every
+        ``checkpoint_every`` batches the tallies and the position, are written to it
+        atomically. If it exists and belongs to this run (the same store content, dataset,
+        layers, quantile, concepts and ``area``: :func:`.checkpoint.run_identity`), counting
+        resumes from it, with the same result as an uninterrupted run; if it belongs to
+        another run, a :class:`DissectError` lists the differences. It is removed when the
+        call returns a result. Single-process runs only.
+    checkpoint_every
+        Batches between checkpoints.
+    overwrite
+        Start over even when ``checkpoint`` exists (it is replaced).
+    annotation_cache
+        Where decoded label planes are cached for every later dissection of the same dataset
+        (:mod:`dissect.datasets.annotation_cache`): ``True`` (default): the folder
+        ``$DISSECT_CACHE_DIR``, else ``~/.cache/torch-dissect``; a folder; ``False``: decode
+        the dataset's annotations every time. Only datasets with a ``cache_identity()``
+        (Broden, SyntheticConcepts) are cached.
 
     Returns
     -------
@@ -153,13 +185,23 @@ def dissect(
         raise DissectError(f"quantile must be in (0, 1), got {quantile}")
     positive_int(batch_size, "batch_size")
     positive_int(k, "k")
+    positive_int(checkpoint_every, "checkpoint_every")
+    if engine not in ENGINES:
+        raise DissectError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}")
+    if area not in AREAS:
+        raise DissectError(f"area={area!r}: choose one of {', '.join(AREAS)}")
     ctx = resolve_distributed(distributed, device)
+    if checkpoint is not None and ctx is not None:
+        raise DissectError("checkpoint= resumes single-process runs; under torchrun, leave it "
+                           "out (each rank's share is short) or run one process")
+    opts = _Options(engine, area, None if checkpoint is None else Path(checkpoint),
+                    checkpoint_every, overwrite, annotation_cache)
     if not isinstance(source, (nn.Module, PreparedModel)):
         if not isinstance(source, ActivationStore):
             raise DissectError("source must be an ActivationStore or a torch.nn.Module")
         dev = ctx.device(device) if ctx is not None else resolve_device(device)
         return _dissect_store(source, dataset, layers, quantile, iou_threshold, categories,
-                              batch_size, dev, progress, num_workers, k, ctx)
+                              batch_size, dev, progress, num_workers, k, ctx, opts)
     if layers is None:
         raise DissectError("give layers=... when dissecting a model")
     run = prepare_model(source, ctx.device(device) if ctx is not None else device)
@@ -170,7 +212,7 @@ def dissect(
         with store:
             result = _dissect_store(store, dataset, layers, quantile, iou_threshold,
                                     categories, batch_size, run.device, progress, num_workers,
-                                    k, ctx)
+                                    k, ctx, opts)
         finished.append(True)
     return result
 
@@ -206,7 +248,8 @@ def _threshold_batches(ds: Any, rows: range, read: int) -> Callable[[], Iterator
 
     def batches() -> Iterator[torch.Tensor]:
         for start in range(rows.start, rows.stop, read):
-            block = torch.from_numpy(ds[start : min(start + read, rows.stop)]).float()
+            block = torch.from_numpy(np.asarray(ds[start : min(start + read, rows.stop)],
+                                                dtype=np.float32))
             yield block.transpose(0, 1).reshape(block.shape[1], -1)
 
     return batches
@@ -240,6 +283,7 @@ def _dissect_store(
     num_workers: int,
     k: int,
     ctx: DistContext | None = None,
+    opts: _Options = _Options(),
 ) -> DissectionResult:
     if not store.complete:
         raise DissectError(f"{store.path} is an unfinished capture: rerun capture to finish it")
@@ -265,49 +309,61 @@ def _dissect_store(
     # this rank's rows (all of them in one process); results are merged exactly below
     rows = ctx.shard(len(store), batch_size) if ctx is not None else range(len(store))
     progress = progress and (ctx is None or ctx.is_main)
-    # thresholds of every layer first (each its own pass over the store; the first pass also
-    # counts the non-finite values, which the thresholds leave out, and notes their rows) ...
-    thresholds: dict[str, np.ndarray] = {}
-    tallies: dict[str, IoUTally] = {}
-    found: dict[str, NonFiniteTally] = {}
-    for name in names:
-        ds = store[name]
-        n, units, h, w = ds.shape
-        read = min(len(store), max(1, (1 << 24) // max(1, units * h * w)))
-        found[name] = NonFiniteTally(name)
-        with ctx.phase("threshold merge") if ctx is not None else nullcontext():
-            thresholds[name], _ = exact_quantiles(
-                _threshold_batches(ds, rows, read), units, n * h * w, 1 - quantile,
-                dtype=np.dtype(ds.dtype), device=dev, collective=ctx, return_nonfinite=True,
-                on_nonfinite=_note_rows(found[name], rows, read, (units, h, w)))
-        found[name].add_finite(len(rows) - found[name].seen_rows, units, h * w)
-        tallies[name] = IoUTally(units, concepts, all_cats, device=dev)
-    if ctx is not None:  # every rank's rows: the same counts and first rows on every rank
-        states = ctx.gather("non-finite counts",
-                            {layer: t.state_dict() for layer, t in found.items()})
-        found = {layer: merged_tallies([state[layer] for state in states]) for layer in names}
+    identity = (run_identity(store, dataset, names, quantile, concepts, cats, opts.area)
+                if opts.checkpoint is not None else {})
+    saved = (load_checkpoint(opts.checkpoint, identity, opts.overwrite)
+             if opts.checkpoint is not None else None)
+    tallies = {name: IoUTally(store[name].shape[1], concepts, all_cats, device=dev,
+                              engine=opts.engine, area=opts.area) for name in names}
+    if saved is not None:  # resume: the thresholds and counts so far come from the checkpoint
+        thresholds = saved["thresholds"]
+        found = {name: merged_tallies([saved["nonfinite"][name]]) for name in names}
+        for name in names:
+            tallies[name].load_state_dict(saved["tallies"][name])
+        start = int(saved["position"])
+        log.info("resuming Network Dissection from %s: %d of %d rows counted",
+                 opts.checkpoint, start, len(rows))
+    else:
+        thresholds, found = _thresholds(store, names, rows, quantile, dev, ctx)
+        start = 0
     if ctx is None or ctx.is_main:
         for name in names:  # one warning per layer holding a NaN or an infinity
             found[name].warn()
+
+    def save(position: int) -> None:
+        if opts.checkpoint is not None:
+            save_checkpoint(opts.checkpoint, identity, position, thresholds,
+                            {name: found[name].state_dict() for name in names},
+                            {name: tallies[name].state_dict() for name in names})
+
+    if saved is None:
+        save(0)  # the threshold pass is never repeated
     # ... then one pass over the annotations for all layers: each batch's label planes are
-    # decoded and cut into runs once, and every layer's tally counts against them
+    # read once, and every layer's tally counts against them
     thr_t = {name: torch.from_numpy(thresholds[name].astype(np.float32)).to(dev)
              for name in names}
-    loader = DataLoader(_Annotations(dataset, index[rows.start : rows.stop]),
-                        batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     desc = "netdissect " + (", ".join(names) if len(names) <= 3 else f"{len(names)} layers")
-    row = rows.start
-    with progress_bar(len(rows), desc, progress, unit="img", outer=True) as bar:
-        for item in loader:
+    row = rows.start + start
+    items = index[row : rows.stop]
+    with (progress_bar(len(rows), desc, progress, unit="img", outer=True,
+                       initial=start) as bar,
+          annotation_batches(dataset, items, batch_size, num_workers=num_workers,
+                             cache=opts.annotation_cache) as batches):
+        for n_batch, item in enumerate(batches, start=1):
             b = len(item["annotated"])
             first = tallies[names[0]]  # the torch engine cuts label runs once for all layers
             labels = first.label_batch(item["pixel_labels"]) if first.engine == "torch" else None
             for name in names:
-                maps = torch.from_numpy(store[name][row : row + b]).to(dev, torch.float32)
+                # cast in numpy: a torch cast of a float16 block runs torch's parallel loop,
+                # which waits on a parked thread when other jobs share the machine
+                maps = torch.from_numpy(np.asarray(store[name][row : row + b],
+                                                   dtype=np.float32)).to(dev)
                 tallies[name].add(maps, thr_t[name], item["pixel_labels"], item["image_labels"],
                                   item["annotated"], labels=labels)
             row += b
             bar.update(b)
+            if n_batch % opts.checkpoint_every == 0 and row < rows.stop:
+                save(row - rows.start)
     iou, top = {}, {}
     for name in names:
         tally = tallies[name]
@@ -325,5 +381,35 @@ def _dissect_store(
     meta = {"store": str(store.path), "model": store.meta.get("model"),
             "stored_dtype": str(stored_dtype), "n_images": int(len(index)),
             "nonfinite": {name: found[name].total for name in names}}
-    return DissectionResult(names, concepts, cats, iou, thresholds, top, quantile=quantile,
-                            iou_threshold=iou_threshold, meta=meta)
+    result = DissectionResult(names, concepts, cats, iou, thresholds, top, quantile=quantile,
+                              iou_threshold=iou_threshold, meta=meta)
+    if opts.checkpoint is not None:  # a finished run needs no checkpoint
+        opts.checkpoint.unlink(missing_ok=True)
+    return result
+
+
+def _thresholds(store: ActivationStore, names: list[str], rows: range, quantile: float,
+                dev: torch.device, ctx: DistContext | None
+                ) -> tuple[dict[str, np.ndarray], dict[str, NonFiniteTally]]:
+    """Every layer's thresholds (each its own exact-quantile pass over the store; the pass
+    also counts the non-finite values, which the thresholds leave out, and notes their rows),
+    merged over the ranks of ``ctx``."""
+    thresholds: dict[str, np.ndarray] = {}
+    found: dict[str, NonFiniteTally] = {}
+    for name in names:
+        ds = store[name]
+        n, units, h, w = ds.shape
+        # ~4M values per read: bounded working set (and faster than 16M: it stays in cache)
+        read = min(len(store), max(1, (1 << 22) // max(1, units * h * w)))
+        found[name] = NonFiniteTally(name)
+        with ctx.phase("threshold merge") if ctx is not None else nullcontext():
+            thresholds[name], _ = exact_quantiles(
+                _threshold_batches(ds, rows, read), units, n * h * w, 1 - quantile,
+                dtype=np.dtype(ds.dtype), device=dev, collective=ctx, return_nonfinite=True,
+                on_nonfinite=_note_rows(found[name], rows, read, (units, h, w)))
+        found[name].add_finite(len(rows) - found[name].seen_rows, units, h * w)
+    if ctx is not None:  # every rank's rows: the same counts and first rows on every rank
+        states = ctx.gather("non-finite counts",
+                            {layer: t.state_dict() for layer, t in found.items()})
+        found = {layer: merged_tallies([state[layer] for state in states]) for layer in names}
+    return thresholds, found

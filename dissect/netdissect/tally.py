@@ -15,10 +15,11 @@ import torch
 
 from ..datasets.concepts import Concept
 from ..errors import DissectError
-from .active_pixels import active_intervals
-from .label_runs import LabelBatch, interval_label_counts, label_batch
+from .active_pixels import active_intervals, flat_nonzero
+from .label_runs import LabelBatch, LabelRuns, interval_label_counts, label_batch
 
 ENGINES = ("auto", "numba", "torch")
+AREAS = ("annotated", "lite")
 
 
 def _resolve_engine(engine: str, device: torch.device) -> str:
@@ -63,6 +64,17 @@ class IoUTally:
         device. ``"numba"``: one compiled pass per image (:mod:`.numba_engine`), CPU only,
         2-3x faster there. ``"auto"`` (default): ``"numba"`` on the CPU when numba imports,
         ``"torch"`` otherwise.
+    area
+        Which images a unit's active pixels count on for a category: ``A[k, cat]``, the
+        active area in the union ``A[k, cat] + L[c] - I[k, c]`` of every concept ``c`` of the
+        category. ``"annotated"`` (default): unit ``k``'s active pixels of every image where
+        the category is annotated. ``"lite"``: NetDissect-Lite's rule
+        (``tally_units_cat += len(indexes) * (tally_cat > 0)``): an image's active pixels of
+        unit ``k`` count for a category only when one of them carries a pixel label of a scored
+        concept of the category (one in ``concepts``; other label numbers never count), or the
+        image has an image-level label of a scored concept of the category; the ``annotated``
+        flags are then not used. Both engines count both rules exactly; the ``"torch"`` engine
+        is slower with ``"lite"`` (it counts labels per image and unit).
     """
 
     def __init__(
@@ -73,10 +85,14 @@ class IoUTally:
         device: torch.device | str = "cpu",
         *,
         engine: str = "auto",
+        area: str = "annotated",
     ) -> None:
+        if area not in AREAS:
+            raise DissectError(f"area={area!r}: choose one of {', '.join(AREAS)}")
         self.units, self.concepts, self.categories = units, list(concepts), list(categories)
         self.device = torch.device(device)
         self.engine = _resolve_engine(engine, self.device)
+        self.area_rule = area
         C = len(self.concepts)
         self.intersection = torch.zeros(units, C, dtype=torch.int64, device=self.device)
         self.active = torch.zeros(units, len(categories), dtype=torch.int64, device=self.device)
@@ -132,7 +148,7 @@ class IoUTally:
         image_labels
             ``(B, L)`` image-level label numbers (0 = none).
         annotated
-            ``(B, n_categories)`` bool.
+            ``(B, n_categories)`` bool (``area="annotated"``; not used with ``"lite"``).
         labels
             :func:`.label_runs.label_batch` of ``pixel_labels`` made by the caller, to
             share it between the tallies of several layers (made here when ``None``). Only the
@@ -147,25 +163,41 @@ class IoUTally:
         img_hot.scatter_(1, img_codes, 1.0)
         img_hot = img_hot[:, 1:]  # (B, C): each image-level concept at most once per image
         self.area += (img_hot.sum(dim=0) * (sh * sw)).round().long()
+        lite = self.area_rule == "lite"
+        hits = None  # (B, K, n_categories): categories hit by each unit's active pixels
         if self.engine == "numba":
             from .numba_engine import count_batch
 
-            inter, area, per_image = count_batch(
-                maps, thresholds, pixel_labels, self._lut, C, self._geometry)
+            counted = count_batch(
+                maps, thresholds, pixel_labels, self._lut, C, self._geometry,
+                concept_category=self.concept_category.cpu() if lite else None,
+                n_categories=len(self.categories))
+            inter, area, per_image = counted[:3]
             self.area += area
             self.intersection += inter
             per_image = per_image.double()
+            if lite:
+                hits = counted[3].to(dev)
         else:
-            per_image = self._count_torch(maps, thresholds, pixel_labels, labels)
-        # active areas over the annotated categories; image-level concepts cover the image
-        ann = annotated.to(dev).double()
-        self.active += (per_image.T @ ann).round().long()
+            per_image, hits = self._count_torch(maps, thresholds, pixel_labels, labels, lite)
+        if lite:  # NetDissect-Lite: an image counts for the categories its labels show
+            img_cat = torch.zeros(B, len(self.categories), dtype=torch.float64, device=dev)
+            img_cat.index_add_(1, self.concept_category, img_hot)
+            assert hits is not None
+            take = (hits | (img_cat > 0)[:, None, :]).double()  # (B, K, n_categories)
+            self.active += (per_image[:, :, None] * take).sum(0).round().long()
+        else:  # active areas over the annotated categories
+            ann = annotated.to(dev).double()
+            self.active += (per_image.T @ ann).round().long()
+        # image-level concepts cover the image
         self.intersection += (per_image.T @ img_hot).round().long()
 
     def _count_torch(self, maps: torch.Tensor, thresholds: torch.Tensor,
-                     pixel_labels: torch.Tensor, labels: LabelBatch | None) -> torch.Tensor:
+                     pixel_labels: torch.Tensor, labels: LabelBatch | None, lite: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The ``"torch"`` engine: adds pixel-level areas and intersections, returns the
-        ``(B, K)`` float64 active pixels per image and unit."""
+        ``(B, K)`` float64 active pixels per image and unit and, when ``lite``, the
+        ``(B, K, n_categories)`` bool categories their pixel labels hit (else ``None``)."""
         B, K = maps.shape[:2]
         P, sh, sw = pixel_labels.shape[1:]
         dev = self.device
@@ -182,13 +214,46 @@ class IoUTally:
         length = (x1 - x0).double()
         # .double(): on empty input a weighted bincount returns int64
         per_image = torch.bincount(b * K + k, weights=length, minlength=B * K).double()
+        hits = (torch.zeros(B, K, len(self.categories), dtype=torch.bool, device=dev)
+                if lite else None)
         if P and len(b):
-            counts = interval_label_counts(runs, b, k, y, x0, x1, K, n_labels)
-            self.intersection += counts.index_select(1, self._numbers)
-        return per_image.view(B, K)
+            if hits is None:
+                counts = interval_label_counts(runs, b, k, y, x0, x1, K, n_labels)
+                self.intersection += counts.index_select(1, self._numbers)
+            else:
+                self._count_lite(runs, b, k, y, x0, x1, n_labels, hits)
+        return per_image.view(B, K), hits
+
+    def _count_lite(self, runs: LabelRuns, b: torch.Tensor, k: torch.Tensor, y: torch.Tensor,
+                    x0: torch.Tensor, x1: torch.Tensor, n_labels: int, hits: torch.Tensor
+                    ) -> None:
+        """The pixel-level intersections of the intervals, counted per (image, unit) a few
+        images at a time, adding them up and setting ``hits[b, k, cat]`` where unit ``k``'s
+        intervals in image ``b`` cover a pixel label of a scored concept of category ``cat``."""
+        B, K, n_cat = hits.shape
+        C = len(self.concepts)
+        step = max(1, (1 << 24) // max(1, K * n_labels))
+        for s in range(0, B, step):
+            sel = flat_nonzero((b >= s) & (b < s + step))
+            if not sel.numel():
+                continue
+            unit = (b.index_select(0, sel) - s) * K + k.index_select(0, sel)
+            n = min(step, B - s)
+            counts = interval_label_counts(runs, b.index_select(0, sel), unit,
+                                           y.index_select(0, sel), x0.index_select(0, sel),
+                                           x1.index_select(0, sel), n * K, n_labels)
+            scored = counts.index_select(1, self._numbers)  # (n * K, C)
+            self.intersection += scored.view(n, K, C).sum(0)
+            by_cat = torch.zeros(n * K, n_cat, dtype=torch.float64, device=hits.device)
+            by_cat.index_add_(1, self.concept_category, (scored > 0).double())
+            hits[s : s + n] |= (by_cat > 0).view(n, K, n_cat)
 
     def merge(self, other: IoUTally) -> None:
-        """Add another tally of the same layer and concepts (e.g. from another process)."""
+        """Add another tally of the same layer, concepts and area rule (e.g. from another
+        process)."""
+        if getattr(other, "area_rule", "annotated") != self.area_rule:
+            raise DissectError(f"cannot merge a tally counted with area={other.area_rule!r} "
+                               f"into one counted with area={self.area_rule!r}")
         self.intersection += other.intersection.to(self.device)
         self.active += other.active.to(self.device)
         self.area += other.area.to(self.device)
