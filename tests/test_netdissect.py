@@ -277,6 +277,7 @@ def test_cli_and_reproduction_script_on_written_broden(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "layer2" in printed and "detectors" in printed
     assert (out / "layer3.csv").is_file() and (out / "netdissect.json").is_file()
+    assert not (out / "netdissect.ckpt").exists()  # checkpointed while counting, removed after
     assert len(list((out / "units" / "layer3").glob("unit_*.png"))) == 64  # for the report
     assert main(["report", str(out), "--quiet"]) == 0
     assert (out / "report" / "layer-layer3.html").is_file()

@@ -23,6 +23,7 @@ from ._common import (
     open_fraction,
     out,
     path,
+    positive,
 )
 from .capture import add_dist_timeout, dist_session
 
@@ -49,6 +50,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="draw the top images of the N best units per layer for the report "
                         "(64; 0: none)")
     add_k(p, 5, "top images drawn per unit")
+    p.add_argument("--engine", choices=["auto", "numba", "torch"], default="auto",
+                   help="counting engine; all give the same counts (auto)")
+    p.add_argument("--area", choices=["annotated", "lite"], default="annotated",
+                   help="active-area rule: annotated (default) or NetDissect-Lite's (lite)")
+    p.add_argument("--checkpoint-every", type=positive, default=50, metavar="BATCHES",
+                   help="save the counts to OUT/netdissect.ckpt every BATCHES batches; a rerun "
+                        "with the same arguments resumes from it (50)")
+    p.add_argument("--restart", action="store_true",
+                   help="ignore a checkpoint left in OUT by an earlier run and start over")
+    p.add_argument("--annotation-cache", type=path, default=None, metavar="DIR",
+                   help="cache decoded label planes in DIR (default: $DISSECT_CACHE_DIR, else "
+                        "~/.cache/torch-dissect)")
+    p.add_argument("--no-annotation-cache", action="store_true",
+                   help="decode the label planes every time")
     add_dist_timeout(p)
     add_common(p)
     return p
@@ -80,7 +95,11 @@ def run(args: argparse.Namespace) -> int:
                              iou_threshold=args.iou_threshold, categories=args.categories,
                              batch_size=args.batch_size, device=args.device,
                              progress=not args.quiet, num_workers=args.num_workers,
-                             distributed=distributed)
+                             distributed=distributed, engine=args.engine, area=args.area,
+                             checkpoint=args.out / "netdissect.ckpt" if ctx is None else None,
+                             checkpoint_every=args.checkpoint_every, overwrite=args.restart,
+                             annotation_cache=(False if args.no_annotation_cache
+                                               else args.annotation_cache or True))
             if ctx is None or ctx.is_main:  # every rank holds the same result; one writes it
                 result.to_csv(args.out)
                 result.to_json(args.out / "netdissect.json")
