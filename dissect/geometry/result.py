@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .._plumbing.arrays import decode_array, encode_array
+from .._plumbing.figures import finish_figure, new_figure
 from .._plumbing.result_files import read_json, result_path, write_json
 from ..errors import DissectError
 
@@ -19,25 +20,6 @@ CURVE_FORMAT = "torch-dissect-layer-curve"
 VERSION = 1
 
 
-def _figure(size: tuple[float, float]) -> Any:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:  # pragma: no cover - matplotlib is a dependency
-        raise DissectError("plotting needs matplotlib: pip install matplotlib") from exc
-    fig = Figure(figsize=size, dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _finish(fig: Any, path: str | Path | None, default_name: str) -> Any:
-    fig.tight_layout()
-    if path is None:
-        return fig
-    out = result_path(path, default_name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
 
 
 def _optional(doc: dict[str, Any], key: str) -> np.ndarray | None:
@@ -166,7 +148,7 @@ class Embedding:
         xy = self.coordinates
         if self.dims == 1:
             xy = np.column_stack([np.arange(len(xy)), xy[:, 0]])
-        fig = _figure((6.4, 5.2))
+        fig = new_figure((6.4, 5.2))
         ax = fig.add_subplot(1, 1, 1)
         size = max(2.0, min(20.0, 4000.0 / max(1, len(xy))))
         if labels is None:
@@ -204,7 +186,7 @@ class Embedding:
             ax.set_xlabel(f"PC1 ({100 * r[0]:.1f}%)")
             ax.set_ylabel(f"PC2 ({100 * r[1]:.1f}%)")
         ax.set_title(title or f"{self.method.upper()} of {self.layer}", fontsize=10)
-        return _finish(fig, path, "embedding.png")
+        return finish_figure(fig, path, "embedding.png")
 
 
 MEASURES = {
@@ -295,7 +277,7 @@ class LayerCurve:
     def plot(self, path: str | Path | None = None, *, title: str | None = None) -> Any:
         """The value against layer depth. ``path``: write there (a folder receives
         ``<measure>.png``); ``None``: return the figure."""
-        fig = _figure((max(5.0, 0.4 * len(self.layers) + 2.5), 3.8))
+        fig = new_figure((max(5.0, 0.4 * len(self.layers) + 2.5), 3.8))
         ax = fig.add_subplot(1, 1, 1)
         x = np.arange(len(self.layers))
         ax.plot(x, self.values, "o-", color="tab:blue")
@@ -307,4 +289,4 @@ class LayerCurve:
         ax.set_ylabel(self.label)
         ax.grid(alpha=0.3)
         ax.set_title(title or f"{self.label} (pool={self.settings.get('pool')})", fontsize=10)
-        return _finish(fig, path, f"{self.measure}.png")
+        return finish_figure(fig, path, f"{self.measure}.png")

@@ -143,8 +143,8 @@ def dissect(
         category is annotated; ``"lite"``: NetDissect-Lite's rule, only the images where one
         of the unit's active pixels carries a label of that category (or the image has an
         image-level label of it). ``"lite"`` reproduces published NetDissect-Lite numbers; it
-        shrinks the union, so small object and part concepts score higher (up to ~45% on
-        small concepts).
+        shrinks the union, so object and part concepts score higher (most for small, rare
+        concepts).
     checkpoint
         A file to make the counting resumable: the thresholds, and every
         ``checkpoint_every`` batches the tallies and the position, are written to it

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .._plumbing.arrays import decode_array, encode_array
+from .._plumbing.figures import finish_figure, new_figure
 from .._plumbing.result_files import read_json, result_path, write_json
 from ..errors import DissectError
 
@@ -16,27 +17,6 @@ FORMAT = "torch-dissect-similarity"
 VERSION = 1
 
 
-def new_figure(size: tuple[float, float]) -> Any:
-    """A matplotlib Figure on an Agg canvas (no display, no global pyplot state)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:  # pragma: no cover - matplotlib is a dependency
-        raise DissectError("plotting needs matplotlib: pip install matplotlib") from exc
-    fig = Figure(figsize=size, dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def finish_figure(fig: Any, path: str | Path | None, default_name: str) -> Any:
-    """Return ``fig`` when ``path`` is None, else write it there and return the path."""
-    fig.tight_layout()
-    if path is None:
-        return fig
-    out = result_path(path, default_name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
 
 
 class SimilarityResult:
