@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
+import sys
+from pathlib import Path
 
 import torch
 
@@ -40,3 +43,30 @@ def machine_text(device: torch.device, versions: str) -> str:
         f"{versions}, dissect {dissect.__version__}\n"
         f"device: {device}{gpu}; {load_text()}"
     )
+
+
+def status_mib(key: str) -> float | None:
+    """A ``/proc/self/status`` field (``VmRSS``, ``VmHWM``) in MiB, or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def maxrss_mib() -> float:
+    """This process's peak RSS (``ru_maxrss``) in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes vs KiB

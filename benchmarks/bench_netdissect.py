@@ -133,7 +133,6 @@ import logging
 import os
 import platform
 import pstats
-import resource
 import shutil
 import statistics
 import subprocess
@@ -150,6 +149,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import maxrss_mib, reset_peak, status_mib  # noqa: E402
 
 from dissect.datasets import Broden, SyntheticConcepts, collate, write_broden  # noqa: E402
 from dissect.hooks import capture  # noqa: E402
@@ -179,32 +180,6 @@ def machine_text() -> str:
         f"torch threads {torch.get_num_threads()}, python {platform.python_version()}, "
         f"torch {torch.__version__}, numpy {np.__version__}, device cpu{load}"
     )
-
-
-def status_mib(key: str) -> float | None:
-    """A ``/proc/self/status`` field (``VmRSS``, ``VmHWM``) in MiB, or None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak() -> bool:
-    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def maxrss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
 
 
 # --------------------------------------------------------------------------- data

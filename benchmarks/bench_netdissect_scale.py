@@ -60,7 +60,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -73,6 +72,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import maxrss_mib, reset_peak, status_mib  # noqa: E402
 
 from dissect.datasets import SyntheticConcepts, collate  # noqa: E402
 from dissect.netdissect import IoUTally, dissect  # noqa: E402
@@ -93,32 +94,6 @@ RSS_TARGET = 0.10
 
 
 # --------------------------------------------------------------------------- memory
-
-
-def status_mib(key: str) -> float | None:
-    """A ``/proc/self/status`` field (``VmRSS``, ``VmHWM``) in MiB, or None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak() -> bool:
-    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def maxrss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
 
 
 def step(out: dict[str, Any], name: str, fn: Any) -> Any:
