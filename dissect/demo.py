@@ -9,7 +9,9 @@ scikit-image it
    unit's top images with the active region outlined;
 3. renders activation-maximization images (:mod:`dissect.actmax`) and deconvnet patches
    (:mod:`dissect.deconvnet`) for each layer's best detectors;
-4. trains linear probes per layer on the dataset's targets (:mod:`dissect.probes`);
+4. trains linear probes per layer on the dataset's targets (:mod:`dissect.probes`), and
+   compares the layers: CKA, intrinsic dimension, a PCA and nearest examples
+   (:func:`dissect.geometry.write_layer_results`);
 5. explains the photographs' top-1 classes with Integrated Gradients, Grad-CAM and occlusion
    (:mod:`dissect.attribution`);
 
@@ -153,6 +155,7 @@ def run_demo(
               lambda: _deconv(model, transform, data, store, best, out / "deconv", settings,
                               dev, progress))
     steps.run("linear probes", lambda: _probes(store, data, out, dev, progress))
+    steps.run("layer similarity", lambda: _layers(store, data, out, dev, progress))
     photos = SampleImages(transform)
     predictions = steps.run("attribution maps", lambda: _attributions(
         model, transform, photos, out / "attribution", settings, dev, batch_size, progress))
@@ -193,6 +196,12 @@ def _deconv(model, transform, data, store, best, directory, settings, dev, progr
         patches = top_patches(model, data, layer, units, k=settings.patches, store=store,
                               method=DECONV_METHOD, device=dev, progress=progress)
         save_unit_grids(patches, directory, denormalize=transform)
+
+
+def _layers(store, data, out, dev, progress) -> None:
+    from .geometry import write_layer_results
+
+    write_layer_results(store, out, LAYERS, dataset=data, device=dev, progress=progress)
 
 
 def _probes(store, data, out, dev, progress) -> None:

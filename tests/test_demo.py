@@ -10,6 +10,7 @@ from test_report import parse
 from dissect import ActivationStore
 from dissect.cli import main
 from dissect.demo import LAYERS
+from dissect.similarity import SimilarityResult
 
 
 @pytest.mark.slow
@@ -23,17 +24,20 @@ def test_fast_demo_end_to_end(tmp_path, capsys):
         assert store.complete and store.layers == LAYERS
     run = json.loads((out / "run.json").read_text())
     assert set(run["seconds"]) >= {"capture", "network dissection", "activation maximization",
-                                   "deconvnet patches", "linear probes", "attribution maps"}
+                                   "deconvnet patches", "linear probes", "layer similarity",
+                                   "attribution maps"}
     for folder in ("units", "actmax", "deconv"):
         for layer in LAYERS:
             assert list((out / folder / layer).glob("unit_*.png")), (folder, layer)
     assert (out / "probes.json").is_file() and (out / "netdissect.json").is_file()
+    similarity = SimilarityResult.from_json(out / "layers" / "similarity.json")
+    assert similarity.rows == LAYERS and (out / "layers" / "nearest.json").is_file()
     entries = json.loads((out / "attribution" / "attribution.json").read_text())
     assert entries[0]["label"] == "Egyptian cat"
     assert set(entries[0]["maps"]) == {"integrated gradients", "grad-cam", "occlusion"}
     report = out / "report"
     pages = sorted(p.name for p in report.glob("*.html"))
-    assert pages == sorted(["index.html", "attribution.html"]
+    assert pages == sorted(["index.html", "attribution.html", "layers.html"]
                            + [f"layer-{layer}.html" for layer in LAYERS])
     for page in report.glob("*.html"):
         for target in parse(page).targets:

@@ -4,9 +4,6 @@ examples from captured stores, written where ``dissect report`` finds them."""
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-from pathlib import Path
 
 from ._common import (
     add_common,
@@ -20,12 +17,6 @@ from ._common import (
 )
 
 HELP = "layer similarity (CKA) and geometry (intrinsic dimension, PCA, nearest examples)"
-
-log = logging.getLogger(__name__)
-
-QUERIES = 4  # query images whose nearest examples the report shows
-NEIGHBOURS = 5
-
 
 def _pool(text: str) -> str | None:
     if text in ("mean", "flatten"):
@@ -64,117 +55,30 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _dataset(store):
-    """The dataset the store records (``None`` when it records none, or it cannot open)."""
-    from ..datasets import open_dataset
-    from ..errors import DissectError
-
-    spec = store.meta.get("dataset")
-    if not isinstance(spec, str) or not spec:
-        return None
-    try:
-        return open_dataset(spec)
-    except (DissectError, OSError) as exc:
-        log.warning("cannot open the dataset %r the store records (%s): no labels or "
-                    "thumbnails", spec, exc)
-        return None
-
-
-def _nearest_examples(store, layers: list[str], data, folder: Path, pool, args) -> Path:
-    """Nearest stored rows of a few seeded query rows in two layers, with thumbnails."""
-    import numpy as np
-
-    from .._plumbing.images import write_png
-    from .._plumbing.items import split_item
-    from ..similarity import nearest
-
-    rng = np.random.default_rng(args.seed)
-    n = len(store)
-    queries = sorted(rng.choice(n, size=min(QUERIES, n - 1), replace=False).tolist())
-    chosen = [layers[len(layers) // 2], layers[-1]] if len(layers) > 1 else layers
-    index = store.index
-    thumbs = folder / "nearest"
-    entries, needed = [], set(queries)
-    for layer in dict.fromkeys(chosen):
-        rows, dist = nearest(store, layer, queries, k=min(NEIGHBOURS, n - 1), pool=pool or "mean",
-                             device=args.device, progress=not args.quiet)
-        entries.append({"layer": layer, "queries": queries, "rows": rows.tolist(),
-                        "distances": dist.tolist()})
-        needed.update(rows.ravel().tolist())
-    images = {}
-    if data is not None:
-        thumbs.mkdir(parents=True, exist_ok=True)
-        saved_transform = getattr(data, "transform", None)
-        if hasattr(data, "transform"):
-            data.transform = None  # raw RGB in [0, 1] for the thumbnails
-        try:
-            for row in sorted(needed):
-                image, _ = split_item(data[int(index[row])], row)
-                name = f"row_{row}.png"
-                write_png(thumbs / name, image)
-                images[str(row)] = f"nearest/{name}"
-        finally:
-            if hasattr(data, "transform"):
-                data.transform = saved_transform
-    record = {"metric": "cosine", "pool": pool, "entries": entries, "images": images,
-              "index": {str(r): int(index[r]) for r in sorted(needed)}}
-    target = folder / "nearest.json"
-    target.write_text(json.dumps(record))
-    return target
-
-
 def run(args: argparse.Namespace) -> int:
     """Compute CKA (and the geometry), write the results and figures, print the summary."""
-    from .._plumbing.store_layers import store_layers
-    from ..geometry import distance_concentration_curve, embed, intrinsic_dimension_curve
-    from ..similarity import cka_matrix
+    from ..geometry import write_layer_results
+    from ..similarity import SimilarityResult
     from ..store import ActivationStore
 
     check_out_folder(args.out)
-    folder = args.out / "layers"
+    make_out_folder(args.out)
     with ActivationStore(args.store) as store:
         other = ActivationStore(args.other) if args.other is not None else None
         try:
-            result = cka_matrix(store, args.layers, other=other, other_layers=args.other_layers,
-                                pool=args.pool, debiased=args.debiased, max_dim=args.max_dim,
-                                batch_size=args.batch_size, seed=args.seed, device=args.device,
-                                progress=not args.quiet)
+            paths = write_layer_results(
+                store, args.out, args.layers, other=other, other_layers=args.other_layers,
+                pool=args.pool, debiased=args.debiased, max_dim=args.max_dim,
+                geometry=not args.no_geometry, batch_size=args.batch_size, seed=args.seed,
+                device=args.device, progress=not args.quiet)
         finally:
             if other is not None:
                 other.close()
-        make_out_folder(folder)
-        paths = [result.to_json(folder / "similarity.json"),
-                 result.to_csv(folder / "similarity.csv"), result.plot(folder / "similarity.png")]
-        out(result.summary())
-        if not args.no_geometry:
-            layers = store_layers(store, args.layers, what="analyse")
-            pool = args.pool or "mean"
-            curve = intrinsic_dimension_curve(store, layers, pool=pool, seed=args.seed,
-                                              device=args.device, progress=not args.quiet)
-            contrast = distance_concentration_curve(store, layers, pool=pool, seed=args.seed,
-                                                    device=args.device, progress=not args.quiet)
-            paths += [curve.to_json(folder / "intrinsic_dimension.json"),
-                      curve.plot(folder / "intrinsic_dimension.png"),
-                      contrast.to_json(folder / "relative_contrast.json"),
-                      contrast.plot(folder / "relative_contrast.png")]
-            out(curve.summary())
-            data = _dataset(store)
-            labels = None
-            targets = getattr(data, "targets", None)
-            if targets is not None:
-                import numpy as np
+    out(SimilarityResult.from_json(args.out / "layers" / "similarity.json").summary())
+    if not args.no_geometry:
+        from ..geometry import LayerCurve
 
-                labels = np.asarray(targets)[store.index]
-            label_names = getattr(data, "target_names", None)
-            emb = embed(store, layers[-1], method="pca", pool=pool, seed=args.seed,
-                        device=args.device, progress=not args.quiet)
-            paths += [emb.to_json(folder / "embedding.json"),
-                      emb.plot(labels=labels, path=folder / "embedding.png", names=label_names)]
-            if labels is not None:
-                np.save(folder / "labels.npy", labels)
-                if label_names is not None:
-                    (folder / "label_names.json").write_text(json.dumps(list(label_names)))
-            paths.append(_nearest_examples(store, layers, data, folder, args.pool, args))
+        out(LayerCurve.from_json(args.out / "layers" / "intrinsic_dimension.json").summary())
     out("wrote " + ", ".join(str(p) for p in paths)
         + f"; `dissect report {args.out}` renders them")
     return 0
