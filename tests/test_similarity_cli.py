@@ -73,3 +73,8 @@ def test_top_level_names():
                  "intrinsic_dimension_curve", "distance_concentration",
                  "distance_concentration_curve", "LayerCurve"):
         assert getattr(dissect, name).__name__ == name
+
+
+def test_cli_defaults_to_the_store_folder(store_path, capsys):
+    assert main(["similarity", str(store_path), "--no-geometry", "--quiet"]) == 0
+    assert (store_path.parent / "layers" / "similarity.json").is_file()

@@ -37,8 +37,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--other", type=path, default=None,
                    help="a second store over the same images (another model): CKA between "
                         "the two stores' layers")
-    p.add_argument("--out", required=True, type=path,
-                   help="results folder (shared with other runs; this writes OUT/layers/)")
+    p.add_argument("--out", type=path, default=None,
+                   help="results folder (shared with other runs; this writes OUT/layers/); "
+                        "default: the folder holding STORE")
     p.add_argument("--layers", type=names, default=None, help="comma-separated layers (all)")
     p.add_argument("--other-layers", type=names, default=None,
                    help="layers of --other (all)")
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from ..similarity import SimilarityResult
     from ..store import ActivationStore
 
+    if args.out is None:
+        args.out = args.store.resolve().parent
     check_out_folder(args.out)
     make_out_folder(args.out)
     with ActivationStore(args.store) as store:
