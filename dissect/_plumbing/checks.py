@@ -33,6 +33,14 @@ def positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
     return int(value)
 
 
+def one_of(value: Any, name: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``, else a :class:`DissectError` naming them
+    (``name='x'`` -> "x='y': choose one of a, b")."""
+    if value not in choices:
+        raise DissectError(f"{name}={value!r}: choose one of {', '.join(choices)}")
+    return value
+
+
 def optional_positive_int(value: Any, name: str) -> int | None:
     """``None`` (no limit), or a positive int as :func:`positive_int` checks it."""
     if value is None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._plumbing.checks import positive_int
+from .._plumbing.checks import one_of, positive_int
 from .._plumbing.deprecation import renamed_kwargs
 from .._plumbing.device import PreparedModel, prepare_model, resolve_device
 from .._plumbing.finite import NonFiniteTally, merged_tallies
@@ -186,10 +186,8 @@ def dissect(
     positive_int(batch_size, "batch_size")
     positive_int(k, "k")
     positive_int(checkpoint_every, "checkpoint_every")
-    if engine not in ENGINES:
-        raise DissectError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}")
-    if area not in AREAS:
-        raise DissectError(f"area={area!r}: choose one of {', '.join(AREAS)}")
+    one_of(engine, "engine", ENGINES)  # before a capture, not after it
+    one_of(area, "area", AREAS)
     ctx = resolve_distributed(distributed, device)
     if checkpoint is not None and ctx is not None:
         raise DissectError("checkpoint= resumes single-process runs; under torchrun, leave it "

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._plumbing.checks import one_of
 from ..datasets.concepts import Concept
 from ..errors import DissectError
 from .active_pixels import active_intervals, flat_nonzero
@@ -24,8 +25,7 @@ AREAS = ("annotated", "lite")
 
 def _resolve_engine(engine: str, device: torch.device) -> str:
     """``"numba"`` or ``"torch"`` for :class:`IoUTally`'s ``engine=`` on ``device``."""
-    if engine not in ENGINES:
-        raise DissectError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}")
+    one_of(engine, "engine", ENGINES)
     if engine == "torch" or (engine == "auto" and device.type != "cpu"):
         return "torch"  # numba (and LLVM) are not even imported
     from . import numba_engine
@@ -87,8 +87,7 @@ class IoUTally:
         engine: str = "auto",
         area: str = "annotated",
     ) -> None:
-        if area not in AREAS:
-            raise DissectError(f"area={area!r}: choose one of {', '.join(AREAS)}")
+        one_of(area, "area", AREAS)
         self.units, self.concepts, self.categories = units, list(concepts), list(categories)
         self.device = torch.device(device)
         self.engine = _resolve_engine(engine, self.device)
