@@ -59,7 +59,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Compute CKA (and the geometry), write the results and figures, print the summary."""
     from ..geometry import write_layer_results
-    from ..similarity import SimilarityResult
     from ..store import ActivationStore
 
     if args.out is None:
@@ -69,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     with ActivationStore(args.store) as store:
         other = ActivationStore(args.other) if args.other is not None else None
         try:
-            paths = write_layer_results(
+            results = write_layer_results(
                 store, args.out, args.layers, other=other, other_layers=args.other_layers,
                 pool=args.pool, debiased=args.debiased, max_dim=args.max_dim,
                 geometry=not args.no_geometry, batch_size=args.batch_size, seed=args.seed,
@@ -77,11 +76,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if other is not None:
                 other.close()
-    out(SimilarityResult.from_json(args.out / "layers" / "similarity.json").summary())
-    if not args.no_geometry:
-        from ..geometry import LayerCurve
-
-        out(LayerCurve.from_json(args.out / "layers" / "intrinsic_dimension.json").summary())
-    out("wrote " + ", ".join(str(p) for p in paths)
+    out(results.summary())
+    out("wrote " + ", ".join(str(p) for p in results.paths)
         + f"; `dissect report {args.out}` renders them")
     return 0

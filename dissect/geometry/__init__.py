@@ -21,12 +21,13 @@ from .concentration import distance_concentration
 from .curves import distance_concentration_curve, intrinsic_dimension_curve
 from .embedding import embed
 from .intrinsic import intrinsic_dimension, twonn_fit
-from .layer_results import write_layer_results
+from .layer_results import LayerResults, write_layer_results
 from .result import Embedding, LayerCurve
 
 __all__ = [
     "Embedding",
     "LayerCurve",
+    "LayerResults",
     "distance_concentration",
     "distance_concentration_curve",
     "embed",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,24 @@ log = logging.getLogger(__name__)
 
 QUERIES = 4  # query images whose nearest examples the report shows
 NEIGHBOURS = 5
+
+
+@dataclass
+class LayerResults:
+    """What :func:`write_layer_results` computed and wrote."""
+
+    similarity: Any  # SimilarityResult
+    intrinsic_dimension: Any = None  # LayerCurve, without geometry None
+    relative_contrast: Any = None  # LayerCurve
+    embedding: Any = None  # Embedding
+    paths: list[Path] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """The CKA table, and the intrinsic dimension per layer when computed."""
+        parts = [self.similarity.summary()]
+        if self.intrinsic_dimension is not None:
+            parts.append(self.intrinsic_dimension.summary())
+        return "\n".join(parts)
 
 
 def write_layer_results(
@@ -32,7 +51,7 @@ def write_layer_results(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
-) -> list[Path]:
+) -> LayerResults:
     """Compute and write CKA (and the geometry) of a store's layers into ``out_dir/layers/``.
 
     Parameters
@@ -54,8 +73,9 @@ def write_layer_results(
 
     Returns
     -------
-    list of pathlib.Path
-        The files written.
+    LayerResults
+        The results (``similarity``, ``intrinsic_dimension``, ``relative_contrast``,
+        ``embedding``; ``None`` without ``geometry``) and the files written (``paths``).
     """
     import numpy as np
 
@@ -71,9 +91,8 @@ def write_layer_results(
     folder.mkdir(parents=True, exist_ok=True)
     paths = [result.to_json(folder / "similarity.json"),
              result.to_csv(folder / "similarity.csv"), result.plot(folder / "similarity.png")]
-    log.info("%s", result.summary())
     if not geometry:
-        return paths
+        return LayerResults(result, paths=paths)
     names = store_layers(store, layers, what="analyse")
     pool = pool or "mean"
     curve = intrinsic_dimension_curve(store, names, pool=pool, seed=seed, device=device,
@@ -84,7 +103,6 @@ def write_layer_results(
               curve.plot(folder / "intrinsic_dimension.png"),
               contrast.to_json(folder / "relative_contrast.json"),
               contrast.plot(folder / "relative_contrast.png")]
-    log.info("%s", curve.summary())
     data = dataset if dataset is not None else _dataset(store)
     targets = getattr(data, "targets", None)
     labels = None
@@ -100,7 +118,7 @@ def write_layer_results(
         if label_names is not None:
             (folder / "label_names.json").write_text(json.dumps(list(label_names)))
     paths.append(_nearest_examples(store, names, data, folder, pool, seed, device, progress))
-    return paths
+    return LayerResults(result, curve, contrast, emb, paths)
 
 
 def _dataset(store: Any) -> Any:
