@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,6 +13,15 @@ from ..similarity.features import store_paths
 from .concentration import distance_concentration
 from .intrinsic import MAX_ROWS, intrinsic_dimension
 from .result import LayerCurve
+
+
+def _curve(store: Any, layers: StoreLayers, measure: str, desc: str, progress: bool,
+           settings: dict[str, Any], value: Callable[[str], float]) -> LayerCurve:
+    """``value(layer)`` of every chosen layer of ``store``, as a :class:`LayerCurve`."""
+    names = store_layers(store, layers, what="measure")
+    values = [value(name) for name in progress_bar(iterable=names, desc=desc, enabled=progress,
+                                                   unit="layer", outer=True)]
+    return LayerCurve(measure, names, values, settings=settings)
 
 
 @store_paths("store")
@@ -46,17 +56,13 @@ def intrinsic_dimension_curve(
     LayerCurve
         ``measure="intrinsic_dimension"``, ``.layers``, ``.values``.
     """
-    names = store_layers(store, layers, what="measure")
-    values = []
-    for name in progress_bar(iterable=names, desc="intrinsic dimension", enabled=progress,
-                             unit="layer", outer=True):
-        values.append(intrinsic_dimension(
-            store, name, method=method, pool=pool, max_rows=max_rows,
-            discard_fraction=discard_fraction, seed=seed, batch_size=batch_size, device=device,
-            progress=False))
     settings = {"method": method, "pool": pool, "max_rows": max_rows, "rows": len(store),
                 "discard_fraction": discard_fraction, "seed": seed, "store": str(store.path)}
-    return LayerCurve("intrinsic_dimension", names, values, settings=settings)
+    return _curve(store, layers, "intrinsic_dimension", "intrinsic dimension", progress,
+                  settings, lambda name: intrinsic_dimension(
+                      store, name, method=method, pool=pool, max_rows=max_rows,
+                      discard_fraction=discard_fraction, seed=seed, batch_size=batch_size,
+                      device=device, progress=False))
 
 
 @store_paths("store")
@@ -91,13 +97,9 @@ def distance_concentration_curve(
     LayerCurve
         ``measure="relative_contrast"``, ``.layers``, ``.values``.
     """
-    names = store_layers(store, layers, what="measure")
-    values = []
-    for name in progress_bar(iterable=names, desc="distance concentration", enabled=progress,
-                             unit="layer", outer=True):
-        values.append(distance_concentration(
-            store, name, queries=queries, metric=metric, pool=pool, seed=seed,
-            batch_size=batch_size, device=device, progress=False))
     settings = {"queries": queries, "metric": metric, "pool": pool, "rows": len(store),
                 "seed": seed, "store": str(store.path)}
-    return LayerCurve("relative_contrast", names, values, settings=settings)
+    return _curve(store, layers, "relative_contrast", "distance concentration", progress,
+                  settings, lambda name: distance_concentration(
+                      store, name, queries=queries, metric=metric, pool=pool, seed=seed,
+                      batch_size=batch_size, device=device, progress=False))
