@@ -74,7 +74,7 @@ def test_sequence_first_outputs_are_stored_one_sample_per_row(kind, batch_first,
     # T == batch size: the trap where time step 0 of every sample looked like sample 0
     x = torch.randn(8, 4, 6, generator=torch.Generator().manual_seed(1))
     with capture(model, x, ["seq"], tmp_path / "s.h5", batch_size=4, dtype="float32",
-                 progress=False) as store:
+                 progress=False, tokens=None) as store:
         stored = torch.from_numpy(store["seq"][:])
     for start in (0, 4):
         raw = _hooked(model, x[start:start + 4])
@@ -83,12 +83,21 @@ def test_sequence_first_outputs_are_stored_one_sample_per_row(kind, batch_first,
     assert stored.shape[:2] == (8, 4)
 
 
+def test_sequence_outputs_need_tokens_none_to_be_stored_as_sequences(tmp_path):
+    # (N, T, H) and a 1-D convolution's (N, C, L) look alike: "auto" does not guess
+    model = Sequences("lstm", True).eval()
+    x = torch.randn(8, 4, 6)
+    with pytest.raises(DissectError, match="tokens=None keeps the output as it is"):
+        capture(model, x, ["seq"], tmp_path / "s.h5", progress=False)
+    assert not (tmp_path / "s.h5").exists()
+
+
 def test_sequence_first_gradients_are_transposed_too(tmp_path):
     torch.manual_seed(0)
     model = Sequences("lstm").eval()
     x = torch.randn(4, 4, 6, generator=torch.Generator().manual_seed(1))
     with capture(model, x, ["seq"], tmp_path / "g.h5", grads_for=1, dtype="float32",
-                 progress=False) as store:
+                 progress=False, tokens=None) as store:
         grads = torch.from_numpy(store.gradients("seq")[:])
     seen = {}
 

@@ -176,12 +176,12 @@ def test_reentering_gives_fresh_outputs(images):
 
 
 def test_non_tensor_output_is_a_clear_error(images):
-    class Pair(nn.Module):
+    class Words(nn.Module):
         def forward(self, x):
-            return {"a": x}
+            return {"a": "no tensor here", "b": [None]}
 
-    model = nn.Sequential(Pair())
-    with pytest.raises(DissectError, match="not a tensor"):
+    model = nn.Sequential(Words())
+    with pytest.raises(DissectError, match="holds no tensor"):
         with Trace(model, "0"):
             model(images)
     assert _hook_count(model) == 0

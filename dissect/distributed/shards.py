@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from .._plumbing.deprecation import renamed_kwargs
+from .._plumbing.token_grid import TokenGrid
 from ..errors import DissectError, StoreError
 from ..store import ActivationStore, StoreWriter, create_store
 
@@ -26,6 +27,7 @@ SHARD_SUFFIX = ".shards"
 _SHARD_NAME = re.compile(r"rank(\d{5})-of-(\d{5})\.h5(\.creating)?")
 # root attributes a published store takes from the shards unchanged
 _PER_SHARD_ATTRS = ("shard",)
+_NO_PREFIX = TokenGrid(prefix=0)
 
 
 def shard_range(n: int, world_size: int, rank: int, align: int = 1) -> range:
@@ -138,6 +140,7 @@ def publish_shards(path: str | Path, world_size: int, n: int, align: int = 1) ->
         layers = json.loads(first.attrs["layers"])
         groups = ["activations", "maxima"] + (["gradients"] if "gradients" in first else [])
         names = [f"{g}/{layer}" for g in groups for layer in layers] + ["index"]
+        names += [f"prefix/{layer}" for layer in layers if f"prefix/{layer}" in first]
         for (p, _), f in zip(shards, files, strict=True):
             for name in names:
                 a, b = first[name], f[name] if name in f else None
@@ -217,6 +220,8 @@ def consolidate(
         grads = bool(meta.get("gradients"))
         n = store.n_samples
         index = store.index
+        prefixed = [name for name in store.layers
+                    if (store.layout(name) or _NO_PREFIX).prefix]
         tmp = dest.with_name(dest.name + ".copying")
         create_store(
             tmp,
@@ -226,6 +231,9 @@ def consolidate(
             pool=meta["pool"],
             attrs={k: v for k, v in meta.items() if k not in reserved},
             gradients=grads,
+            tokens={name: store[name].attrs["tokens"] for name in store.layers
+                    if store.layout(name) is not None},
+            prefix={name: tuple(store.prefix(name).shape[1:]) for name in prefixed},
         )
         with StoreWriter(tmp) as writer:
             for start in range(0, n, batch_size):
@@ -236,7 +244,8 @@ def consolidate(
                     {name: store.gradients(name)[start:stop] for name in store.layers}
                     if grads else None
                 )
-                writer.write(start, index[start:stop], acts, maxima, gradients)
+                prefix = {name: store.prefix(name)[start:stop] for name in prefixed}
+                writer.write(start, index[start:stop], acts, maxima, gradients, prefix)
             writer.finish()
     os.replace(tmp, dest)
     return ActivationStore(dest)

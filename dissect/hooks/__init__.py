@@ -3,6 +3,9 @@
 from .._plumbing.fingerprint import fingerprint
 from .capture import capture
 from .layers import layer_names, resolve_layers
+from .select import first_tensor, select_output
+from .tokens import TokenGrid, resolve_tokens, token_layout
 from .trace import StopForward, Trace
 
-__all__ = ["Trace", "StopForward", "capture", "fingerprint", "layer_names", "resolve_layers"]
+__all__ = ["Trace", "StopForward", "TokenGrid", "capture", "first_tensor", "fingerprint",
+           "layer_names", "resolve_layers", "resolve_tokens", "select_output", "token_layout"]

@@ -7,6 +7,7 @@ The data side (a resumable stream of batches) is :mod:`.source`, the background 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -33,7 +34,9 @@ from .data_identity import data_differences, data_identity
 from .layers import LayerSelector, resolve_layers
 from .outputs import as_rows, sequence_first
 from .pooling import Pool, apply_pool, check_pool
+from .select import Selector
 from .source import BatchSource
+from .tokens import TokenGrid, TokensSpec, resolve_tokens
 from .trace import Trace
 
 __all__ = ["capture", "fingerprint"]
@@ -77,6 +80,9 @@ class _Job:
     attrs: dict[str, Any]
     identity: dict[str, str]
     seq_first: set[str]
+    tokens: dict[str, Any]
+    select: Any
+    grids: dict[str, TokenGrid]
 
 
 def _existing(path: Path, job: _Job, resume: bool) -> tuple[ActivationStore | None, int]:
@@ -155,6 +161,8 @@ def capture(
     overwrite: bool = False,
     distributed: DistContext | bool | None = None,
     dataset: str | None = None,
+    tokens: TokensSpec = "auto",
+    select: Selector | dict[str, Selector] | None = None,
 ) -> ActivationStore:
     """Run ``model`` over ``data`` and stream the chosen layers' activations to an HDF5 store.
 
@@ -214,6 +222,19 @@ def capture(
         The data-source spec (``"synthetic:1000"``, ``"broden:PATH"``, a folder...), recorded
         as the store's ``dataset`` attribute so later analyses can reopen the same data (e.g.
         ``dissect probe STORE --labels targets``). The CLI records its ``--data``.
+    tokens
+        How token outputs are stored (:mod:`dissect.hooks.tokens`): ``"auto"`` (default)
+        stores a recognized transformer layer (torchvision's or timm's ViT, Swin) as
+        ``(N, C, h, w)`` maps like a convolution's, and refuses an unrecognized 3-D output;
+        a :class:`~dissect.hooks.TokenGrid`; ``None`` (store outputs as they are); or
+        ``{layer: TokenGrid | None}``. Each layer's layout is recorded (its ``tokens``
+        attribute, :meth:`ActivationStore.layout`), and the prefix tokens (class, register
+        tokens) are stored under ``/prefix/<layer>`` ``(N, P, C)``
+        (:meth:`ActivationStore.prefix`), so no later analysis needs to be told.
+    select
+        Which tensor of a module returning several is stored (:mod:`dissect.hooks.select`):
+        the first (default), an index, a key or a callable; one for every layer or
+        ``{layer: selector}``.
 
     Returns
     -------
@@ -250,13 +271,24 @@ def capture(
     }
     identity = data_identity(source, dataset)
     modules = dict(run.module.named_modules())
-    seq_first = {n for n in names if sequence_first(modules[n])}
+    layouts = resolve_tokens(run.module, names, tokens)
+    grids = {n: g for n, g in layouts.items() if isinstance(g, TokenGrid)}
+    # recorded (root attribute, absent when no layer is read as tokens) and compared on reuse
+    settings["tokens"] = json.dumps({n: json.loads(g.to_json()) for n, g in grids.items()}) \
+        if grids else None
+    if grids:
+        log.info("reading token outputs as maps: %s",
+                 ", ".join(f"{n} {g}" for n, g in grids.items()))
+    seq_first = {n for n in names if sequence_first(modules[n]) and n not in grids}
     if seq_first:
         log.info("%s return sequence-first (T, N, ...) outputs: stored as (N, T, ...)",
                  sorted(seq_first))
     job = _Job(run, source, names, settings, pool, grads_for,
                progress and (ctx is None or ctx.is_main),
-               {**({"dataset": dataset} if dataset else {}), **identity}, identity, seq_first)
+               {**({"dataset": dataset} if dataset else {}),
+                **({"tokens": settings["tokens"]} if grids else {}), **identity}, identity,
+               seq_first,
+               layouts, select, grids)
     if ctx is not None:
         return _capture_sharded(ctx, job, path, resume, overwrite)
     start = 0
@@ -334,13 +366,15 @@ def _forward(job: _Job, x: torch.Tensor, reduce: Callable) -> tuple[Trace, dict 
     model, names, pool = job.run.module, job.names, job.pool
     x = job.run.inputs(x)
     if job.grads_for is None:
-        with torch.inference_mode(), Trace(model, names, stop=True, record=reduce) as tr:
+        with torch.inference_mode(), Trace(model, names, stop=True, record=reduce,
+                                           tokens=job.tokens, select=job.select) as tr:
             model(x)
         return tr, None
     torch_dtype = getattr(torch, job.settings["dtype"])
     x = x.detach().requires_grad_(True)
     with torch.inference_mode(False), torch.enable_grad(), \
-            Trace(model, names, grads=True, record=reduce) as tr:
+            Trace(model, names, grads=True, record=reduce, tokens=job.tokens,
+                  select=job.select) as tr:
         target = _target_scalar(job.grads_for, model(x))
         torch.autograd.grad(target, x)
     grads = {}
@@ -387,6 +421,8 @@ def _write(job: _Job, path: Path, start: int) -> None:
                 nonfinite[n].add(tr.outputs[n][0], row)
             acts = {n: tr.outputs[n][0].cpu().numpy() for n in names}
             maxima = {n: tr.outputs[n][1].cpu().numpy() for n in names}
+            prefix = {n: tr.prefix[n].to(torch_dtype).cpu().numpy() for n in names
+                      if n in tr.prefix}
             if not warned and settings["dtype"] == "float16":
                 big = [n for n in names if np.abs(maxima[n]).max(initial=0) > FP16_MAX]
                 if big:
@@ -402,6 +438,8 @@ def _write(job: _Job, path: Path, start: int) -> None:
                     dtype=settings["dtype"],
                     pool=settings["pool"],
                     gradients=settings["gradients"],
+                    tokens={n: g.to_json() for n, g in job.grids.items()},
+                    prefix={n: tuple(a.shape[1:]) for n, a in prefix.items()},
                     attrs={
                         "model": f"{type(module).__module__}.{type(module).__qualname__}",
                         "fingerprint": settings["fingerprint"],
@@ -417,7 +455,8 @@ def _write(job: _Job, path: Path, start: int) -> None:
                         f"layer {n!r} produced rows of shape {acts[n].shape[1:]} at row {row}, "
                         f"earlier rows were {writer.row_shapes[n]}: inputs must all have one size"
                     )
-            async_writer.put((row, index.numpy().astype(np.int64), acts, maxima, grads))
+            async_writer.put((row, index.numpy().astype(np.int64), acts, maxima, grads,
+                              prefix))
             row += len(x)
             bar.update(len(x))
         if async_writer is not None:

@@ -13,6 +13,11 @@ from torch import nn
 from .._plumbing.deprecation import renamed_kwargs
 from ..errors import DissectError
 from .layers import LayerSelector, resolve_layers
+from .outputs import sequence_first
+from .select import Selector, first_tensor, select_output, selector_for
+from .tokens import TokenGrid, TokensSpec, resolve_tokens, to_map
+
+__all__ = ["Trace", "StopForward", "first_tensor"]
 
 log = logging.getLogger(__name__)
 
@@ -23,32 +28,6 @@ class StopForward(Exception):
     It deliberately does not derive from :class:`~dissect.DissectError`: it is control flow,
     not an error. Code that runs a forward pass itself under ``stop=True`` may catch it.
     """
-
-
-def first_tensor(output: Any, name: str) -> torch.Tensor:
-    """Return the tensor a module produced: the output itself, or the first tensor of a tuple.
-
-    Parameters
-    ----------
-    output
-        What the module's ``forward`` returned.
-    name
-        The layer name, for the error message.
-
-    Returns
-    -------
-    torch.Tensor
-    """
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            if isinstance(item, torch.Tensor):
-                return item
-    raise DissectError(
-        f"layer {name!r} returned {type(output).__name__}, not a tensor: trace one of its "
-        "submodules instead (see dissect.hooks.layer_names)"
-    )
 
 
 def _clone(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -82,6 +61,19 @@ class Trace:
         default detached copy (e.g. to pool or cast on the device). It receives the live
         output and must not return a view of it if in-place operations may follow.
         (``transform=`` is a deprecated alias, for one release.)
+    tokens
+        How token outputs become maps (:mod:`dissect.hooks.tokens`): ``"auto"`` (default)
+        reads recognized transformer layers (torchvision's and timm's ViTs, Swin) as
+        ``(B, C, h, w)`` maps and refuses other 3-D outputs (it does not guess which axis is
+        the channel); a :class:`~dissect.hooks.TokenGrid` for every layer; ``None`` keeps
+        every output as the module returns it; or ``{layer: TokenGrid | None}``. The
+        outputs, gradients and ``record=`` all see the map; the prefix tokens (class,
+        register tokens) of a token layer are kept in ``tr.prefix[name]`` ``(B, P, C)``, and
+        each layer's layout in ``tr.layouts[name]``.
+    select
+        Which tensor of a module returning several is the layer's output
+        (:mod:`dissect.hooks.select`): ``None`` (default) the first tensor, an index, a key or a
+        callable, for every layer or as ``{layer: selector}``.
 
     Notes
     -----
@@ -108,6 +100,8 @@ class Trace:
         stop: bool = False,
         *,
         record: Callable[[str, torch.Tensor], Any] | None = None,
+        tokens: TokensSpec = "auto",
+        select: Selector | dict[str, Selector] | None = None,
     ) -> None:
         if grads and stop:
             raise DissectError(
@@ -119,13 +113,23 @@ class Trace:
         self.grads_enabled = grads
         self.stop = stop
         self._record = record or _clone
+        if isinstance(select, dict):
+            for key in select:
+                resolve_layers(model, key)
+        self._select = select
+        found = resolve_tokens(model, self.layers, tokens)
+        self._layouts = found
+        #: each layer's layout: its TokenGrid, or None for outputs kept as they are
+        self.layouts: dict[str, TokenGrid | None] = {
+            n: g if isinstance(g, TokenGrid) else None for n, g in found.items()}
+        self.prefix: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, Any] = {}
         self.grads: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
         self._handles: list[Any] = []
 
     def __enter__(self) -> Trace:
-        self.outputs, self.grads = {}, {}
+        self.outputs, self.grads, self.prefix = {}, {}, {}
         self.calls = {name: 0 for name in self.layers}
         modules = dict(self.model.named_modules())
         try:
@@ -152,7 +156,13 @@ class Trace:
             if self.calls[name] == 2:
                 log.debug("layer %r ran more than once; keeping its first output", name)
             return
-        tensor = first_tensor(output, name)
+        raw = select_output(output, name, selector_for(self._select, name))
+        layout = self._layouts[name]
+        seq_first = isinstance(layout, TokenGrid) and sequence_first(module)
+        tensor = to_map(name, module, raw, layout, seq_first)
+        if isinstance(layout, TokenGrid) and layout.prefix:
+            rows = raw.transpose(0, 1) if seq_first else raw
+            self.prefix[name] = layout.prefix_tokens(rows).detach().clone()
         self.outputs[name] = self._record(name, tensor)
         if self.grads_enabled:
             if not tensor.requires_grad:
@@ -163,11 +173,13 @@ class Trace:
                 )
             # A hook registered before a later in-place op receives the gradient with respect
             # to the value the module returned, which is what we record.
-            tensor.register_hook(partial(self._grad_hook, name))
+            convert = partial(to_map, name, module, layout=layout, seq_first=seq_first)
+            raw.register_hook(partial(self._grad_hook, name, convert))
         if self.stop and len(self.outputs) == len(self.layers):
             raise StopForward()
 
-    def _grad_hook(self, name: str, grad: torch.Tensor) -> None:
+    def _grad_hook(self, name: str, convert: Callable, grad: torch.Tensor) -> None:
+        grad = convert(grad)
         if name not in self.grads:
             self.grads[name] = grad.detach().clone()
         else:  # several backward passes inside one block accumulate, like .grad does

@@ -35,6 +35,8 @@ from ..distributed import resolve as resolve_distributed
 from ..errors import DissectError
 from ..hooks.capture import capture
 from ..hooks.layers import LayerSelector
+from ..hooks.select import Selector
+from ..hooks.tokens import TokensSpec
 from ..stats import exact_quantiles, top_rows
 from ..store import ActivationStore
 from .checkpoint import load_checkpoint, run_identity, save_checkpoint
@@ -86,6 +88,8 @@ def dissect(
     checkpoint_every: int = 50,
     overwrite: bool = False,
     annotation_cache: bool | str | Path | None = True,
+    tokens: TokensSpec = "auto",
+    select: Selector | dict[str, Selector] | None = None,
 ) -> DissectionResult:
     """Score every unit of the chosen layers against every concept of a concept dataset.
 
@@ -163,6 +167,11 @@ def dissect(
         ``$DISSECT_CACHE_DIR``, else ``~/.cache/torch-dissect``; a folder; ``False``: decode
         the dataset's annotations every time. Only datasets with a ``cache_identity()``
         (Broden, SyntheticConcepts) are cached.
+    tokens, select
+        When ``source`` is a model: how token outputs become maps and which tensor of a
+        module's output is its output, as for :func:`dissect.capture` (``"auto"`` reads the
+        layers of torchvision's and timm's ViTs and Swin as ``(C, h, w)`` maps). A store
+        records its layers' layouts, so a store needs neither.
 
     Returns
     -------
@@ -206,7 +215,8 @@ def dissect(
     with _store_for(store_path, ctx) as (path, finished):
         store = capture(run, dataset, layers, path, batch_size=batch_size,
                         device=run.device, progress=progress, num_workers=num_workers,
-                        distributed=ctx if ctx is not None else False)
+                        distributed=ctx if ctx is not None else False, tokens=tokens,
+                        select=select)
         with store:
             result = _dissect_store(store, dataset, layers, quantile, iou_threshold,
                                     categories, batch_size, run.device, progress, num_workers,

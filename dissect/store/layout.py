@@ -20,7 +20,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import StoreError
+from .._plumbing.token_grid import TokenGrid
+from ..errors import DissectError, StoreError
 
 try:
     import resource
@@ -130,6 +131,8 @@ def create_store(
     pool: Any,
     attrs: dict[str, Any],
     gradients: bool = False,
+    tokens: dict[str, str] | None = None,
+    prefix: dict[str, tuple[int, ...]] | None = None,
 ) -> None:
     """Create an empty, not-yet-complete store at ``path`` atomically.
 
@@ -150,6 +153,13 @@ def create_store(
         Extra root attributes (``model``, ``fingerprint``, ...).
     gradients
         Also create ``/gradients/<layer>``.
+    tokens
+        ``layer -> TokenGrid JSON`` for layers captured from token outputs
+        (:class:`dissect.hooks.TokenGrid`): recorded as the ``tokens`` attribute of
+        ``/activations/<layer>``.
+    prefix
+        ``layer -> (P, C)``: also create ``/prefix/<layer>`` ``(N, P, C)`` for those layers'
+        prefix tokens (class and register tokens).
 
     Raises
     ------
@@ -162,12 +172,15 @@ def create_store(
     check_destination(path)
     tmp = path.with_name(path.name + ".creating")
     if path.parent.is_dir():
-        check_space(path, store_bytes(n, layers, dtype, gradients))
+        check_space(path, store_bytes(n, {**layers, **{f"prefix:{k}": v for k, v in
+                                                      (prefix or {}).items()}},
+                                      dtype, gradients))
     f = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         f = h5py.File(tmp, "w", libver=LIBVER)
         made = _lay_out(f, n, layers, dtype, pool, attrs, gradients)
+        made += _lay_out_tokens(f, n, dtype, tokens or {}, prefix or {})
         f.close()  # with every dataset still referenced: closed by the file, not by GC
         del made
         os.replace(tmp, path)
@@ -272,6 +285,20 @@ def check_version(f: h5py.File, path: Path) -> None:
             "recapture it or use the matching torch-dissect")
 
 
+def _lay_out_tokens(f: h5py.File, n: int, dtype: str, tokens: dict[str, str],
+                    prefix: dict[str, tuple[int, ...]]) -> list[h5py.Dataset]:
+    """The token layouts (attributes) and the prefix-token datasets of a new store."""
+    for name, layout in tokens.items():
+        f["activations"][name].attrs["tokens"] = layout
+    made = []
+    if prefix:
+        group = f.create_group("prefix")
+        for name, row_shape in prefix.items():
+            made.append(_create_fixed(group, name, (n, *row_shape), dtype,
+                                      _chunk_rows(row_shape, np.dtype(dtype).itemsize, n)))
+    return made
+
+
 def check_layout(f: h5py.File, path: Path) -> dict[str, Any]:
     """Check that ``f`` is a whole torch-dissect store of this version; return its layout.
 
@@ -316,6 +343,27 @@ def _dataset(f: h5py.File, name: str, path: Path) -> h5py.Dataset:
     return obj
 
 
+def _check_tokens(f: h5py.File, name: str, acts: h5py.Dataset, path: Path) -> None:
+    """A layer captured from tokens has a readable layout and, with prefix tokens, their
+    dataset ``(N, P, C)``."""
+    if "tokens" not in acts.attrs:
+        return
+    try:
+        grid = TokenGrid.from_json(acts.attrs["tokens"])
+    except DissectError as exc:
+        raise StoreError(f"{path}: /activations/{name} has a malformed 'tokens' attribute "
+                         f"({exc}); {RECAPTURE}") from exc
+    if acts.ndim != 4:
+        raise StoreError(f"{path}: /activations/{name} is {acts.shape} but its layout says "
+                         f"maps (N, C, h, w); {RECAPTURE}")
+    if grid.prefix:
+        want = (acts.shape[0], grid.prefix, acts.shape[1])
+        pre = _dataset(f, f"prefix/{name}", path)
+        if pre.shape != want or pre.dtype != acts.dtype:
+            raise StoreError(f"{path}: /prefix/{name} is {pre.shape} {pre.dtype}, not {want} "
+                             f"{acts.dtype}; {RECAPTURE}")
+
+
 def _check_layout(f: h5py.File, path: Path) -> dict[str, Any]:
     dict(f.attrs.items())  # every root attribute can be read (a damaged heap cannot)
     n = _int_attr(f, "n_samples", path)
@@ -352,6 +400,7 @@ def _check_layout(f: h5py.File, path: Path) -> dict[str, Any]:
         if maxima.shape != (n, acts.shape[1]) or maxima.dtype != np.float32:
             raise StoreError(f"{path}: /maxima/{name} is {maxima.shape} {maxima.dtype}, not "
                              f"({n}, {acts.shape[1]}) float32; {RECAPTURE}")
+        _check_tokens(f, name, acts, path)
         if flags["gradients"]:
             grads = _dataset(f, f"gradients/{name}", path)
             if grads.shape != acts.shape or grads.dtype != acts.dtype:

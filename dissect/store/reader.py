@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import torch
 
+from .._plumbing.token_grid import TokenGrid
 from ..errors import StoreError
 from .layout import check_layout, io_error
 
@@ -188,6 +189,21 @@ class ActivationStore:
         stop = self.n_written if stop is None else min(stop, self.n_written)
         with self._reading(f"/maxima/{layer}"):
             return ds[start:stop]
+
+    def layout(self, layer: str) -> TokenGrid | None:
+        """How ``layer`` was read from token outputs (:class:`dissect.hooks.TokenGrid`), or
+        ``None`` for a layer stored as the module returned it."""
+        ds = self._layer("activations", layer)
+        return TokenGrid.from_json(ds.attrs["tokens"]) if "tokens" in ds.attrs else None
+
+    def prefix(self, layer: str) -> h5py.Dataset:
+        """Lazy dataset of ``layer``'s prefix tokens ``(N, P, C)`` (class token first, then
+        register tokens), stored when a token layer with prefix tokens was captured."""
+        if "prefix" not in self._file or layer not in self._file["prefix"]:
+            self._layer("activations", layer)  # an unknown layer: the usual error
+            raise StoreError(f"layer {layer!r} of {self.path} has no prefix tokens (class "
+                             "token): it was not captured from a token output that has them")
+        return self._file["prefix"][layer]
 
     @property
     def index(self) -> np.ndarray:

@@ -56,6 +56,7 @@ class StoreWriter:
         self._acts = {n: f["activations"][n] for n in self.layers}
         self._maxima = {n: f["maxima"][n] for n in self.layers}
         self._grads = {n: f["gradients"][n] for n in self.layers} if layout["gradients"] else {}
+        self._prefix = dict(f["prefix"].items()) if "prefix" in f else {}
         self._index, self._progress = f["index"], f["progress"]
         self.row_shapes = {n: ds.shape[1:] for n, ds in self._acts.items()}
         self.failed: StoreError | None = None
@@ -67,8 +68,12 @@ class StoreWriter:
         activations: dict[str, np.ndarray],
         maxima: dict[str, np.ndarray],
         gradients: dict[str, np.ndarray] | None = None,
+        prefix: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Write rows ``start : start + len(index)`` and advance the progress marker.
+
+        ``prefix``: the prefix tokens ``(b, P, C)`` of the layers that have them (every one
+        of them, each batch).
 
         Raises
         ------
@@ -84,12 +89,17 @@ class StoreWriter:
         stop = start + len(index)
         if stop > self.n_samples:
             raise StoreError(f"writing rows up to {stop} but the store has {self.n_samples}")
+        if set(prefix or {}) != set(self._prefix):
+            raise StoreError(f"{self.path} holds prefix tokens of {sorted(self._prefix)}, this "
+                             f"batch of {sorted(prefix or {})}")
         try:
             for name, arr in activations.items():
                 self._acts[name][start:stop] = arr
                 self._maxima[name][start:stop] = maxima[name]
             for name, arr in (gradients or {}).items():
                 self._grads[name][start:stop] = arr
+            for name, arr in (prefix or {}).items():
+                self._prefix[name][start:stop] = arr
             self._index[start:stop] = index
             self._file.flush()
             self._progress[()] = stop

@@ -1,0 +1,138 @@
+"""The layout of a token output: :class:`TokenGrid` (re-exported as ``dissect.hooks.TokenGrid``).
+
+It lives in plumbing because both sides use it: the hooks read token outputs as maps with it,
+and the store records and checks each layer's layout with it (:mod:`dissect.hooks.tokens`
+says which models get which layout).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import DissectError
+
+__all__ = ["TokenGrid"]
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """How a token output becomes a ``(B, C, h, w)`` map.
+
+    Parameters
+    ----------
+    prefix
+        Leading tokens that are not patches (class token, register tokens, distillation
+        token), set aside before the reshape. They stay available: :class:`~dissect.hooks.Trace`
+        keeps them in ``tr.prefix[layer]`` and :func:`~dissect.capture` stores them under
+        ``/prefix/<layer>`` (a probe's ``pool="cls"`` reads them).
+    grid
+        ``(h, w)``: the patch tokens are laid out row by row (row-major), ``h`` rows of ``w``
+        patches. ``None``: a square grid, an error when ``N - prefix`` is not a square.
+    channels_last
+        The output is already a map, channels last, ``(B, H, W, C)`` (Swin, timm's NHWC
+        stages): it is permuted to ``(B, C, H, W)``. ``prefix`` must then be 0 and ``grid``,
+        when given, must match ``(H, W)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> tokens = torch.arange(2 * 7 * 3.).reshape(2, 7, 3)   # 1 class token + 2x3 patches
+    >>> TokenGrid(prefix=1, grid=(2, 3)).to_map(tokens).shape
+    torch.Size([2, 3, 2, 3])
+    >>> TokenGrid.nhwc().to_map(torch.zeros(2, 4, 5, 8)).shape
+    torch.Size([2, 8, 4, 5])
+    """
+
+    prefix: int = 1
+    grid: tuple[int, int] | None = None
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prefix, int) or isinstance(self.prefix, bool) or self.prefix < 0:
+            raise DissectError(f"TokenGrid(prefix=...) must be an int >= 0, got {self.prefix!r}")
+        if self.grid is not None:
+            grid = tuple(self.grid)
+            if len(grid) != 2 or not all(
+                    isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid):
+                raise DissectError(f"TokenGrid(grid=...) must be (h, w) of positive ints or "
+                                   f"None, got {self.grid!r}")
+            object.__setattr__(self, "grid", (int(grid[0]), int(grid[1])))
+        if self.channels_last and self.prefix:
+            raise DissectError("TokenGrid(channels_last=True) reads (B, H, W, C) maps, which "
+                               f"have no prefix tokens: use prefix=0, not {self.prefix}")
+
+    @classmethod
+    def nhwc(cls) -> TokenGrid:
+        """The layout of channels-last maps ``(B, H, W, C)`` (Swin, timm's NHWC stages)."""
+        return cls(prefix=0, grid=None, channels_last=True)
+
+    def shape_of(self, n_tokens: int, layer: str = "") -> tuple[int, int]:
+        """The grid ``(h, w)`` of ``n_tokens`` tokens (prefix included); an error if they do
+        not fit it."""
+        patches = n_tokens - self.prefix
+        where = f"layer {layer!r}: " if layer else ""
+        if patches < 1:
+            raise DissectError(f"{where}{n_tokens} tokens leave no patch tokens after "
+                               f"{self.prefix} prefix tokens: check TokenGrid(prefix=...)")
+        if self.grid is not None:
+            if self.grid[0] * self.grid[1] != patches:
+                raise DissectError(
+                    f"{where}{n_tokens} tokens minus {self.prefix} prefix tokens are {patches} "
+                    f"patch tokens, which do not fill the grid {self.grid} "
+                    f"({self.grid[0] * self.grid[1]}): pass the right TokenGrid(prefix=..., "
+                    "grid=(h, w))")
+            return self.grid
+        side = math.isqrt(patches)
+        if side * side != patches:
+            raise DissectError(
+                f"{where}{patches} patch tokens ({n_tokens} minus {self.prefix} prefix tokens) "
+                "are not a square, so the grid cannot be guessed: pass TokenGrid(prefix=..., "
+                "grid=(h, w)) (or check the prefix: class, register and distillation tokens)")
+        return side, side
+
+    def to_map(self, t: torch.Tensor, layer: str = "") -> torch.Tensor:
+        """``(B, N, C)`` tokens (or ``(B, H, W, C)`` when ``channels_last``) as ``(B, C, h, w)``.
+
+        A view where possible (differentiable either way); the prefix tokens are dropped here
+        (:meth:`prefix_tokens` returns them).
+        """
+        where = f"layer {layer!r}" if layer else "the output"
+        if self.channels_last:
+            if t.ndim != 4:
+                raise DissectError(f"{where} is {tuple(t.shape)}, not a channels-last map "
+                                   "(B, H, W, C); pass tokens={layer: None} to keep it as it is")
+            if self.grid is not None and tuple(t.shape[1:3]) != self.grid:
+                raise DissectError(f"{where} is {tuple(t.shape)}: its map is "
+                                   f"{tuple(t.shape[1:3])}, not the TokenGrid's {self.grid}")
+            return t.permute(0, 3, 1, 2)
+        if t.ndim != 3:
+            raise DissectError(f"{where} is {tuple(t.shape)}, not tokens (B, N, C): pass "
+                               "tokens={layer: None} to keep it as it is, or a TokenGrid that "
+                               "fits it")
+        h, w = self.shape_of(t.shape[1], layer)
+        return t[:, self.prefix:].transpose(1, 2).unflatten(2, (h, w))
+
+    def prefix_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """The prefix tokens of a ``(B, N, C)`` output, ``(B, prefix, C)``."""
+        return t[:, : self.prefix]
+
+    def to_json(self) -> str:
+        """The layout as the JSON a store records in its layer's ``tokens`` attribute."""
+        return json.dumps({"prefix": self.prefix,
+                           "grid": None if self.grid is None else list(self.grid),
+                           "channels_last": self.channels_last})
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> TokenGrid:
+        """The layout :meth:`to_json` wrote."""
+        try:
+            d = json.loads(text)
+            return cls(prefix=int(d["prefix"]),
+                       grid=None if d["grid"] is None else tuple(d["grid"]),
+                       channels_last=bool(d["channels_last"]))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise DissectError(f"not a TokenGrid layout: {text!r:.80}") from exc
