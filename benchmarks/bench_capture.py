@@ -12,7 +12,10 @@ What it measures
    minimum is the figure least disturbed by other processes on a shared machine, and so is the
    ratio of process CPU time (all threads, the writer thread included).
    MobileNetV2 is also run with ``features.18`` (its last feature layer) as the fourth layer,
-   so stopping the forward pass early gives capture no advantage. Target: <= 1.10.
+   so stopping the forward pass early gives capture no advantage. ViT-B/16 (random init,
+   224 px, torchvision's ``vit_b_16``) captures four encoder blocks up to the last one: each
+   block's tokens are rearranged into ``(768, 14, 14)`` maps and its class token stored under
+   ``/prefix`` (#24). Target: <= 1.10 for every case.
 2. **torchlens.** ``torchlens.extract(model, x, layers)`` on the same batches, in the same
    loop, under ``inference_mode``; it keeps float32 outputs in memory and writes nothing to
    disk. torchlens patches torch's functions while it is used; they are patched before its
@@ -95,6 +98,13 @@ CASES = (
         ("features.3", "features.6", "features.13", "features.18"),
         "features.18 is the last feature layer: no early-stop gain",
     ),
+    Case(
+        "vit_b_16",
+        ("encoder.layers.encoder_layer_2", "encoder.layers.encoder_layer_5",
+         "encoder.layers.encoder_layer_8", "encoder.layers.encoder_layer_11"),
+        "encoder_layer_11 is the last block (only encoder.ln + heads follow); each block's "
+        "197 tokens are stored as a (768, 14, 14) map plus the class token (tokens='auto')",
+    ),
 )
 RSS_LAYERS = ("features.3", "features.6", "features.13", "features.17")
 
@@ -125,10 +135,14 @@ class RandomImages(Dataset):
 
 
 def build_model(name: str) -> nn.Module:
-    """ResNet-18 with seeded random weights, or torchvision's ImageNet MobileNetV2."""
+    """ResNet-18 or ViT-B/16 with seeded random weights, or torchvision's ImageNet
+    MobileNetV2."""
     if name == "resnet18":
         torch.manual_seed(0)
         model = torchvision.models.resnet18()
+    elif name == "vit_b_16":
+        torch.manual_seed(0)
+        model = torchvision.models.vit_b_16()
     elif name == "mobilenet_v2":
         from dissect.models import load_model
 
@@ -559,6 +573,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--tmpdir", default=None, help="where the HDF5 files go (default: $TMPDIR)")
     p.add_argument("--skip-torchlens", action="store_true")
+    p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                   help="only these models' cases (resnet18, mobilenet_v2, vit_b_16)")
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument(
         "--profile", action="store_true", help="also cProfile one capture per case and print it"
@@ -613,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-capture-", dir=args.tmpdir) as tmpdir:
         tmp = Path(tmpdir)
         print(f"HDF5 files go to {tmp}", flush=True)
-        for case in CASES:
+        cases = [c for c in CASES if args.models is None or c.model in args.models]
+        for case in cases:
             if case.model not in models:
                 models[case.model] = build_model(case.model).to(device)
             print(f"  {case.model} {','.join(case.layers)}", flush=True)
@@ -623,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         if memory is not None:
             print_memory(*memory, args.batch_size)
         if args.profile:
-            for case in CASES:
+            for case in cases:
                 profile_capture(case, models[case.model], data, args, device, tmp)
     return 0
 
