@@ -337,3 +337,45 @@ def test_a_planted_vit_channel_is_labelled_red(tmp_path):
     assert unit.is_detector and unit.iou > 0.4  # random channels: 0.1 or less on red
     with capture(vit, ds, [BLOCK], tmp_path / "vit.h5", progress=False) as store:
         assert store.layout(BLOCK) == TokenGrid(1, (7, 7))  # reused: nothing more to say
+
+
+# ---------------------------------------------------------------------------- CLI
+
+@pytest.mark.parametrize("text, want", [
+    ("auto", "auto"), ("none", None), ("NHWC", TokenGrid.nhwc()), ("5", TokenGrid(5)),
+    ("1:14x14", TokenGrid(1, (14, 14))), ("5:7x5", TokenGrid(5, (7, 5))),
+])
+def test_tokens_from_text(text, want):
+    from dissect.hooks.tokens import parse_tokens
+
+    assert parse_tokens(text) == want
+
+
+@pytest.mark.parametrize("text", ["square", "1:14", "1:axb", "-1"])
+def test_bad_tokens_text_is_refused(text):
+    from dissect.hooks.tokens import parse_tokens
+
+    with pytest.raises(DissectError):
+        parse_tokens(text)
+
+
+def test_cli_reads_token_layers_as_maps(tmp_path, capsys):
+    from dissect.cli import main
+
+    factory = tmp_path / "vit.py"
+    factory.write_text("import torchvision\n\ndef make():\n    return torchvision.models."
+                       "VisionTransformer(image_size=224, patch_size=32, num_layers=1, "
+                       "num_heads=2, hidden_dim=32, mlp_dim=64)\n")
+    spec = f"{factory}:make"
+    assert main(["layers", spec, "--input-size", "224", "--quiet"]) == 0
+    shown = capsys.readouterr().out
+    assert "encoder.layers.encoder_layer_0 " in shown
+    assert "32x7x7 (tokens: 1 prefix + 7x7 patches)" in shown
+    args = ["capture", spec, "--data", "synthetic:4", "--layers",
+            "encoder.layers.encoder_layer_0", "--quiet", "--batch-size", "2"]
+    assert main([*args, "--out", str(tmp_path / "a.h5")]) == 0
+    assert "encoder.layers.encoder_layer_0: (4, 32, 7, 7)" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "b.h5"), "--tokens", "none"]) == 0
+    assert "encoder.layers.encoder_layer_0: (4, 50, 32)" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "c.h5"), "--tokens", "1:1x49"]) == 0
+    assert "encoder.layers.encoder_layer_0: (4, 32, 1, 49)" in capsys.readouterr().out

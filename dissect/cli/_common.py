@@ -178,6 +178,25 @@ def add_common(p: argparse.ArgumentParser, batch: int = 64) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
 
 
+def tokens_arg(text: str) -> Any:
+    """``--tokens``: ``auto``, ``none``, ``nhwc``, ``P`` or ``P:HxW`` (a ``tokens=`` value)."""
+    from ..errors import DissectError
+    from ..hooks.tokens import parse_tokens
+
+    try:
+        return parse_tokens(text)
+    except DissectError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def add_tokens(p: argparse.ArgumentParser) -> None:
+    """``--tokens``: how transformer token outputs become maps (the library's ``tokens=``)."""
+    p.add_argument("--tokens", type=tokens_arg, default="auto", metavar="LAYOUT",
+                   help="token outputs as maps: auto (torchvision/timm ViT, Swin), none (keep "
+                   "outputs as they are), nhwc, P or P:HxW (P prefix tokens on an HxW patch "
+                   "grid, e.g. 1:14x14) (auto)")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Add the positional MODEL spec and ``--weights``."""
     p.add_argument("model", help="torchvision:NAME, mobilenet_v2-imagenet or file.py:factory")
@@ -293,8 +312,9 @@ def one_line(text: str) -> str:
 
 
 def output_shapes(model: Any, layers: Any, x: Any, option: str, *, stop: bool = False,
-                  who: str = "the model") -> dict[str, tuple[int, ...]]:
-    """The output shape of each traced layer for one input ``x`` (a forward pass, no graph).
+                  who: str = "the model", tokens: Any = "auto") -> dict[str, tuple[int, ...]]:
+    """The output shape of each traced layer for one input ``x`` (a forward pass, no graph),
+    token layers as the maps analyses see (``tokens=`` as for :class:`~dissect.hooks.Trace`).
 
     A model that cannot take ``x`` is a :class:`~dissect.DissectError` telling which option
     (``option``, e.g. ``"--input-size"``) sets its size; layers that did not run are absent.
@@ -305,7 +325,7 @@ def output_shapes(model: Any, layers: Any, x: Any, option: str, *, stop: bool = 
     from ..hooks import Trace
 
     try:
-        with torch.inference_mode(), Trace(model, layers, stop=stop,
+        with torch.inference_mode(), Trace(model, layers, stop=stop, tokens=tokens,
                                            record=lambda n, t: tuple(t.shape)) as tr:
             model(x)
     except (RuntimeError, ValueError) as exc:  # the model cannot take this input: say so

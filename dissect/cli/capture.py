@@ -17,6 +17,7 @@ from ._common import (
     MAX_SIDE,
     add_common,
     add_model_args,
+    add_tokens,
     check_out_file,
     load_cli_model,
     names,
@@ -60,6 +61,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="also store gradients of this output index")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an unfinished file")
+    add_tokens(p)
     add_dist_timeout(p)
     add_common(p)
     return p
@@ -112,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
             grads_for=args.grads_for, device=args.device, num_workers=args.num_workers,
             progress=not args.quiet, resume=not args.no_resume, overwrite=args.overwrite,
             distributed=ctx if ctx is not None else False, dataset=args.data,
+            tokens=args.tokens,
         )
         try:
             if ctx is None or ctx.is_main:

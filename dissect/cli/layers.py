@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from .._plumbing.device import resolve_device
     from ..errors import DissectError
     from ..hooks import layer_names
+    from ..hooks.tokens import known_layouts
 
     model, _ = load_cli_model(args)
     dev = resolve_device(args.device)
@@ -34,10 +35,15 @@ def run(args: argparse.Namespace) -> int:
         raise DissectError(f"{args.model} has no layers (submodules) to list")
     modules = dict(model.named_modules())
     x = torch.zeros(1, 3, args.input_size, args.input_size, device=dev)
-    shapes = output_shapes(model, names, x, "--input-size", who=args.model)
+    layouts = known_layouts(model, names)  # token layers shown as the maps analyses read
+    shapes = output_shapes(model, names, x, "--input-size", who=args.model, tokens=layouts)
     width = max(len(n) for n in names)
     for name in names:
         shape = shapes.get(name)
         shown = "x".join(str(s) for s in shape[1:]) if shape else "(not run)"
+        grid = layouts[name]
+        if shape and grid is not None:
+            shown += " (channels-last map)" if grid.channels_last else \
+                f" (tokens: {grid.prefix} prefix + {shape[2]}x{shape[3]} patches)"
         out(f"{name:<{width}}  {type(modules[name]).__name__:<22} {shown}")
     return 0

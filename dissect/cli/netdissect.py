@@ -13,6 +13,7 @@ from ._common import (
     add_common,
     add_k,
     add_model_args,
+    add_tokens,
     check_out_folder,
     fraction,
     load_cli_model,
@@ -64,6 +65,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "~/.cache/torch-dissect)")
     p.add_argument("--no-annotation-cache", action="store_true",
                    help="decode the label planes every time")
+    add_tokens(p)
     add_dist_timeout(p)
     add_common(p)
     return p
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         store = capture(model, data, layers, args.out / "activations.h5",
                         batch_size=args.batch_size, dtype=args.dtype, device=args.device,
                         num_workers=args.num_workers, progress=not args.quiet,
-                        distributed=distributed, dataset=args.dataset)
+                        distributed=distributed, dataset=args.dataset, tokens=args.tokens)
         try:
             result = dissect(store, data, layers, quantile=args.quantile,
                              iou_threshold=args.iou_threshold, categories=args.categories,

@@ -34,7 +34,8 @@ from .._plumbing.token_grid import TokenGrid
 from ..errors import DissectError
 from .layers import resolve_layers
 
-__all__ = ["TokenGrid", "token_layout", "resolve_tokens", "TokensSpec", "UNRECOGNIZED"]
+__all__ = ["TokenGrid", "token_layout", "resolve_tokens", "known_layouts", "parse_tokens",
+           "TokensSpec", "UNRECOGNIZED"]
 
 #: The layout of a layer that ``tokens="auto"`` did not recognize: kept as it is, except that
 #: a 3-D output is refused (:func:`to_map`).
@@ -199,6 +200,28 @@ def resolve_tokens(model: nn.Module, layers: list[str], tokens: TokensSpec = "au
             found = token_layout(model, name)
             out[name] = UNRECOGNIZED if found is None else found
     return out
+
+
+def known_layouts(model: nn.Module, layers: list[str]) -> dict[str, TokenGrid | None]:
+    """``{layer: token_layout(model, layer)}``: recognized layers as maps, the others as
+    they are (no refusal). For code that surveys every layer (listing shapes, finding the
+    last spatial layer), where an unrecognized 3-D output is simply not a map."""
+    return {name: token_layout(model, name) for name in layers}
+
+
+def parse_tokens(text: str) -> TokensSpec:
+    """A ``tokens=`` value from text (the CLI's ``--tokens``): ``auto``, ``none``, ``nhwc``,
+    ``P`` (``P`` prefix tokens, square grid) or ``P:HxW`` (e.g. ``1:14x14``, ``5:7x5``)."""
+    low = text.strip().lower()
+    if low in ("auto", "none", "nhwc"):
+        return {"auto": "auto", "none": None, "nhwc": TokenGrid.nhwc()}[low]
+    prefix, _, grid = low.partition(":")
+    try:
+        size = tuple(int(v) for v in grid.split("x")) if grid else None
+        return TokenGrid(int(prefix), size if size is None or len(size) == 2 else (0, 0))
+    except ValueError as exc:
+        raise DissectError(f"tokens: expected auto, none, nhwc, P or P:HxW (e.g. 1:14x14), "
+                           f"got {text!r}") from exc
 
 
 def to_map(name: str, module: nn.Module, t: torch.Tensor, layout: TokenGrid | None | str,
