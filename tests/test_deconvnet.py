@@ -242,14 +242,45 @@ def test_relu6_rules(x8, spelling):
 
 
 def test_other_activations_keep_their_gradient(x8, caplog):
+    """In a network with a rectifier, GELU/SiLU/LeakyReLU keep their gradient (and are named):
+    after the last rectifier, the deconvnet signal is the plain gradient's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.LeakyReLU(0.1),
+                        nn.Conv2d(4, 4, 3), nn.GELU(), nn.Conv2d(4, 3, 1), nn.SiLU()).eval()
+    with caplog.at_level(logging.WARNING, logger="dissect.deconvnet"):
+        d = reconstruct(net, x8, "7", [0, 2], method="deconvnet", progress=False)
+    assert "gelu" in caplog.text and "leaky_relu" in caplog.text and "silu" in caplog.text
+    # the same projection by hand: the gradient down to the ReLU's output, then its rule
+    xs = x8.clone().requires_grad_(True)
+    a1 = net[1](net[0](xs))
+    out = net[2:](a1)
+    rows = torch.arange(len(x8))
+    signal = torch.zeros_like(out)
+    for k, unit in enumerate([0, 2]):
+        maps = out[:, unit].detach().reshape(len(x8), -1)
+        at = maps.argmax(1)
+        signal.zero_()
+        signal[:, unit].view(len(x8), -1)[rows, at] = maps[rows, at]
+        (g1,) = torch.autograd.grad(out, a1, signal, retain_graph=True)
+        (expected,) = torch.autograd.grad(net[0](xs), xs, g1.clamp(min=0))
+        torch.testing.assert_close(d[:, k], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["deconvnet", "guided"])
+def test_a_network_without_rectifiers_is_refused(x8, method):
+    """Deconvnet and guided backprop are defined for ReLU networks: on a GELU/SiLU network
+    the rule would apply nowhere, and the plain gradient is not passed off under its name."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.1), nn.Conv2d(4, 4, 3), nn.GELU(),
                         nn.Conv2d(4, 3, 1), nn.SiLU()).eval()
-    with caplog.at_level(logging.WARNING, logger="dissect.deconvnet"):
-        d = reconstruct(net, x8, "5", [0, 2], method="deconvnet", progress=False)
+    with pytest.raises(DissectError, match=r"defined for ReLU networks.*gelu.*method='gradient'"):
+        reconstruct(net, x8, "5", [0, 2], method=method, progress=False)
     g = reconstruct(net, x8, "5", [0, 2], method="gradient", progress=False)
-    torch.testing.assert_close(d, g, rtol=0, atol=0)
-    assert "gelu" in caplog.text and "leaky_relu" in caplog.text and "silu" in caplog.text
+    assert g.shape == (len(x8), 2, *x8.shape[1:]) and g.abs().sum() > 0
+    # a layer before any activation: the rules have nothing to refuse (the transposed conv)
+    first = reconstruct(net, x8, "0", [1], method=method, progress=False)
+    torch.testing.assert_close(first, reconstruct(net, x8, "0", [1], method="gradient",
+                                                  progress=False), rtol=0, atol=0)
 
 
 class ResidualBN(nn.Module):

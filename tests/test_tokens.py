@@ -12,11 +12,11 @@ import torch
 import torchvision
 from torch import nn
 
-from dissect.netdissect import dissect
 from dissect.datasets import SyntheticConcepts
 from dissect.distributed import consolidate
 from dissect.errors import DissectError, LayerNotFoundError, StoreError
-from dissect.hooks import Trace, TokenGrid, capture, token_layout
+from dissect.hooks import TokenGrid, Trace, capture, token_layout
+from dissect.netdissect import dissect
 
 BLOCK = "encoder.layers.encoder_layer_1"
 

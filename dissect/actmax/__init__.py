@@ -9,7 +9,10 @@
   prior (Mahendran & Vedaldi, CVPR 2015).
 - :func:`evaluate`: the objective reached by given images, without transforms.
 - Objectives (:mod:`.objectives`): ``("layer", unit)``, :func:`channel`, :func:`neuron`,
-  :func:`logit`, :func:`direction`; they add, subtract, negate and scale.
+  :func:`logit`, :func:`direction`; they add, subtract, negate and scale. A Vision
+  Transformer's token layers are read as ``(N, C, h, w)`` maps of their patch grid
+  (``tokens=``, :class:`dissect.hooks.TokenGrid`): a unit is a hidden dimension, averaged over
+  the patch tokens, and :func:`neuron` addresses a patch position.
 - :class:`ActmaxResult` (``visualize(..., return_result=True)``): the images with their
   objectives, units and the values reached; ``to_json``/``from_json`` for the report.
 - :func:`save_grid`, :func:`save_unit_images`: PNG output (OpenCV).
@@ -27,6 +30,7 @@ from .transforms import (
     Pad,
     RandomRotate,
     RandomScale,
+    Resize,
     Transform,
     rotate,
     scale,
@@ -45,6 +49,7 @@ __all__ = [
     "Pad",
     "RandomRotate",
     "RandomScale",
+    "Resize",
     "TotalVariation",
     "Transform",
     "as_objective",

@@ -6,7 +6,11 @@ layer (or the model output); ``+``, ``-``, scalar ``*`` and ``/`` and unary ``-`
 ones, as in Lucid. A plain tuple ``("layer", unit)`` means :func:`channel`.
 
 The activations are a mapping ``{layer name: tensor}`` with the model output under the key
-:data:`OUTPUT` (``""``, the name of the root module in ``model.named_modules()``).
+:data:`OUTPUT` (``""``, the name of the root module in ``model.named_modules()``). A
+transformer layer's tokens arrive as ``(N, C, h, w)`` maps of its patch grid
+(:class:`dissect.hooks.TokenGrid`; the prefix tokens, such as the class token, set aside),
+so every objective reads a Vision Transformer block as it reads a convolution: a unit is a
+hidden dimension, a position is a patch.
 """
 
 from __future__ import annotations
@@ -208,7 +212,9 @@ def channel(layer: str, unit: int) -> Objective:
     layer
         Dotted layer name (see :func:`dissect.hooks.layer_names`).
     unit
-        Channel index; for a layer with ``(N, C)`` outputs (``Linear``), the unit itself.
+        Channel index; for a layer with ``(N, C)`` outputs (``Linear``), the unit itself; for
+        a token layer (a Vision Transformer block), hidden dimension ``unit`` averaged over
+        the patch tokens (not the class or other prefix tokens).
 
     Returns
     -------
@@ -234,9 +240,11 @@ def neuron(layer: str, unit: int, y: int | None = None, x: int | None = None) ->
         As in :func:`channel`; the layer must have ``(N, C, H, W)`` outputs.
     y, x
         Row and column in the layer's activation map; ``None`` is the centre
-        (``H // 2``, ``W // 2``). With size-changing transforms (``"standard"``) the map size
-        varies from step to step, so the centre is the robust choice; an explicit index must be
-        valid for every map size the transforms produce.
+        (``H // 2``, ``W // 2``). For a token layer, the patch in row ``y``, column ``x`` of
+        its patch grid (token ``prefix + y * w + x``, the tokens being row-major). With
+        size-changing transforms (``"standard"``) the map size varies from step to step, so
+        the centre is the robust choice; an explicit index must be valid for every map size
+        the transforms produce.
 
     Returns
     -------
@@ -289,7 +297,8 @@ def logit(class_index: int) -> Objective:
 
 
 def direction(layer: str, vector: Any) -> Objective:
-    """Dot product of the activation vector with ``vector``, averaged over positions.
+    """Dot product of the activation vector with ``vector``, averaged over positions (the
+    patch tokens of a token layer).
 
     As Lucid's ``direction`` (``cossim_pow=0``): ``direction(layer, e_k)`` equals
     ``channel(layer, k)``. The vector is not normalized: pass a unit vector to make values

@@ -26,6 +26,8 @@ from .._plumbing.device import (
 from .._plumbing.progress import progress_bar
 from ..errors import DissectError
 from ..hooks import Trace, resolve_layers
+from ..hooks.select import Selector
+from ..hooks.tokens import TokensSpec
 from ..hooks.trace import first_tensor
 from .fastcopy import fast_copy
 from .objectives import OUTPUT, Objective, ObjectiveLike, as_objectives
@@ -104,16 +106,21 @@ class _Forward:
 
     Stops right after the deepest needed layer unless the model output is needed. The images
     stay float32 (so does their optimization); the normalized input is cast to the model's
-    floating dtype, and half-precision activations are read back as float32.
+    floating dtype, and half-precision activations are read back as float32. Token layers
+    are read as ``(N, C, h, w)`` maps of their patch grid (``tokens``, as in
+    :class:`~dissect.hooks.Trace`), so objectives address hidden dimensions and patch
+    positions, never token indices.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str], output: bool,
-                 normalize: Callable[[torch.Tensor], torch.Tensor]) -> None:
+                 normalize: Callable[[torch.Tensor], torch.Tensor], tokens: TokensSpec = "auto",
+                 select: Selector | dict[str, Selector] | None = None) -> None:
         self.model, self.output, self.normalize = model, output, normalize
         self.dtype = floating_dtype(model)
         # a differentiable copy: later in-place ops (ReLU(inplace=True)) cannot change it
         self.trace = (Trace(model, list(layers), stop=not output,
-                            record=lambda name, t: _as_float(t.clone())) if layers else None)
+                            record=lambda name, t: _as_float(t.clone()), tokens=tokens,
+                            select=select) if layers else None)
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.normalize(images)
@@ -140,6 +147,37 @@ def _needed(model: nn.Module, objectives: Sequence[Objective]) -> tuple[list[str
     if layers:
         layers = resolve_layers(as_module(model), layers)  # closest names on a typo
     return layers, any(o.needs_output for o in objectives)
+
+
+def _transformed_forward(forward: _Forward, x: torch.Tensor, images: torch.Tensor
+                         ) -> dict[str, torch.Tensor]:
+    """``forward(x)`` on the transformed ``images``. A model that fails on transformed images
+    of another size but runs on the images themselves takes one input size only (a Vision
+    Transformer): it is told how to keep the size. Any other failure is raised as it is."""
+    try:
+        return forward(x)
+    except (DissectError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        if tuple(x.shape[-2:]) == tuple(images.shape[-2:]) or not _runs(forward, images):
+            raise
+        h, w = images.shape[-2:]
+        raise DissectError(
+            f"the model failed on the {tuple(x.shape[-2:])} images that the random transforms "
+            f"made of the {h}x{w} images, on which it runs ({type(exc).__name__}: {exc}). A "
+            "model that takes one input size only (a Vision Transformer) needs transforms that "
+            "keep it: transforms=standard_transforms(size=S) (Lucid's, resized back to S) or "
+            "transforms=None, with size=S its input size") from exc
+
+
+def _runs(forward: _Forward, images: torch.Tensor) -> bool:
+    """Whether the model runs on ``images`` (without gradients)."""
+    try:
+        with torch.no_grad():
+            forward(images.detach())
+    except Exception:  # noqa: BLE001 - only whether it runs is asked
+        return False
+    return True
 
 
 def _rowwise(objectives: Sequence[Objective], acts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -187,6 +225,8 @@ def visualize(
     progress: bool = True,
     normalize: Normalizer | None = None,
     return_result: bool = False,
+    tokens: TokensSpec = "auto",
+    select: Selector | dict[str, Selector] | None = None,
 ) -> torch.Tensor | ActmaxResult:
     """Images that maximize each objective (activation maximization, Erhan 2009; Olah 2017).
 
@@ -218,7 +258,9 @@ def visualize(
         ``"standard"`` (Lucid's pad 12, jitter 8, scale 0.9-1.1, rotate +-10 degrees,
         jitter 4), ``None`` for none, or a list of :class:`~dissect.actmax.transforms.Transform`
         objects and callables ``images -> images``. Applied to the images in [0, 1], before
-        ``normalize``.
+        ``normalize``. ``"standard"`` changes the images' size; for a model that takes one
+        input size (a Vision Transformer) pass ``transforms=standard_transforms(size=size)``,
+        which resizes them back.
     regularizers
         Penalties subtracted from the objective: :class:`~.regularizers.L1`,
         :class:`~.regularizers.L2`, :class:`~.regularizers.TotalVariation`,
@@ -248,6 +290,17 @@ def visualize(
         Return an :class:`~dissect.actmax.ActmaxResult` (the images, each objective's name and
         unit, the value each image reaches without the random transforms, the settings; one
         more forward pass) instead of the bare images.
+    tokens
+        How a transformer layer's ``(N, T, C)`` tokens are read (:mod:`dissect.hooks.tokens`):
+        ``"auto"`` (recognized models: torchvision's and timm's ViTs, Swin; another 3-D
+        output is an error saying how to pass a layout), a :class:`~dissect.hooks.TokenGrid`,
+        ``None`` (outputs as they are) or ``{layer: TokenGrid | None}``. A token layer's
+        activations are ``(N, C, h, w)`` maps of its patch grid: ``("layer", c)`` is hidden
+        dimension ``c`` averaged over the patch tokens, :func:`neuron` addresses a patch
+        position (prefix tokens such as the class token are not part of the map).
+    select
+        Which tensor of a module returning several is the layer's output (an index, a key or
+        a callable; :mod:`dissect.hooks.select`), for every layer or as ``{layer: selector}``.
 
     Returns
     -------
@@ -294,7 +347,7 @@ def visualize(
         image = ImageParam(n, (size, size), param=param, decorrelate=decorrelate,
                            generator=gen, device=dev)
         optimizer = torch.optim.Adam([image.leaf], lr=lr)
-        forward = _Forward(runner, layers, needs_output, norm)
+        forward = _Forward(runner, layers, needs_output, norm, tokens, select)
         chunks = row_chunks(n, batch_size)
         bar = progress_bar(steps, "actmax", progress, unit="step", iterable=range(steps))
         for step in bar:
@@ -303,7 +356,7 @@ def visualize(
             scores = []
             for a, b in chunks:
                 images = image(a, b)
-                acts = forward(apply_all(tfs, values, images))
+                acts = _transformed_forward(forward, apply_all(tfs, values, images), images)
                 score = _rowwise(objs[a:b], acts)
                 loss = -score.sum()
                 for reg in regs:
@@ -345,6 +398,8 @@ def evaluate(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     normalize: Normalizer | None = None,
+    tokens: TokensSpec = "auto",
+    select: Selector | dict[str, Selector] | None = None,
 ) -> torch.Tensor:
     """Objective ``k`` on image ``k``, without transforms (how far each image got).
 
@@ -358,7 +413,7 @@ def evaluate(
         ``(N, 3, H, W)`` in [0, 1].
     batch_size
         At most this many images per forward pass.
-    device, normalize
+    device, normalize, tokens, select
         As in :func:`visualize`.
 
     Returns
@@ -379,7 +434,7 @@ def evaluate(
     layers, needs_output = _needed(model, objs)
     out = []
     with _prepared(model, device, layers) as (runner, dev), torch.no_grad():
-        forward = _Forward(runner, layers, needs_output, norm)
+        forward = _Forward(runner, layers, needs_output, norm, tokens, select)
         for a, b in row_chunks(n, batch_size):
             acts = forward(images[a:b].to(dev, torch.float32))
             out.append(_rowwise(objs[a:b], acts).float().cpu())
@@ -424,6 +479,8 @@ def invert(
     progress: bool = True,
     normalize: Normalizer | None = None,
     return_result: bool = False,
+    tokens: TokensSpec = "auto",
+    select: Selector | dict[str, Selector] | None = None,
 ) -> torch.Tensor | ActmaxResult:
     """Reconstruct images from a layer's representation (Mahendran & Vedaldi, CVPR 2015).
 
@@ -440,7 +497,9 @@ def invert(
         Images in [0, 1]: ``(B, 3, H, W)`` or one ``(3, H, W)``. Not normalized: the model's
         normalization comes from ``normalize``.
     layer
-        The layer whose representation is inverted.
+        The layer whose representation is inverted. A token layer's representation is the
+        ``(C, h, w)`` map of its patch tokens (``tokens=``); its prefix tokens (the class
+        token) are not part of the target.
     steps, lr
         Adam steps and learning rate.
     tv_weight, tv_beta
@@ -453,7 +512,7 @@ def invert(
         Parametrization of the reconstruction, as in :func:`visualize`.
     regularizers
         Further penalties, as in :func:`visualize`.
-    batch_size, seed, device, progress, normalize
+    batch_size, seed, device, progress, normalize, tokens, select
         As in :func:`visualize`.
     return_result
         Return an :class:`~dissect.actmax.ActmaxResult` (kind ``"invert"``, values: each
@@ -487,7 +546,7 @@ def invert(
     (name,) = resolve_layers(as_module(model), layer if isinstance(layer, str) else [layer])
     n, (h, w) = xs.shape[0], xs.shape[-2:]
     with _prepared(model, device, [name]) as (runner, dev):
-        forward = _Forward(runner, [name], False, norm)
+        forward = _Forward(runner, [name], False, norm, tokens, select)
         chunks = row_chunks(n, batch_size)
         with torch.no_grad():
             targets = [forward(xs[a:b].to(dev))[name].detach() for a, b in chunks]

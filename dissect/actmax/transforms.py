@@ -8,7 +8,8 @@ in; they are called as they are.
 
 :func:`standard_transforms` gives Lucid's defaults (Olah et al. 2017): pad 12 px with grey,
 jitter 8 px, scale by one of 0.90, 0.92, ..., 1.10, rotate by -10...10 degrees (0 six times as
-likely), jitter 4 px.
+likely), jitter 4 px; ``standard_transforms(size=S)`` then resizes to ``S x S`` (:class:`Resize`)
+for models that take one input size only (Vision Transformers).
 """
 
 from __future__ import annotations
@@ -186,6 +187,26 @@ class RandomRotate(Transform):
         return rotate(x, value, self.fill)
 
 
+@dataclass(frozen=True)
+class Resize(Transform):
+    """Resize to ``size`` (bilinear): a model that takes one input size gets it after the
+    size-changing transforms (a Vision Transformer's position embeddings fix its grid)."""
+
+    size: int | tuple[int, int]
+
+    def __post_init__(self) -> None:
+        dims = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+        if len(dims) != 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                     for d in dims):
+            raise DissectError(f"Resize size must be a positive int or (H, W), got {self.size!r}")
+        object.__setattr__(self, "size", (int(dims[0]), int(dims[1])))
+
+    def apply(self, x: torch.Tensor, value: Any = None) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == self.size:
+            return x
+        return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+
+
 def pad(width: int, mode: str = "constant", value: float = 0.5) -> Pad:
     """Lucid's name for :class:`Pad`."""
     return Pad(width, mode, value)
@@ -206,10 +227,23 @@ def random_rotate(angles: Sequence[float], fill: float = 0.0) -> RandomRotate:
     return RandomRotate(tuple(angles), fill)
 
 
-def standard_transforms() -> list[Transform]:
-    """Lucid's default transforms: pad 12 (grey), jitter 8, scale 0.9-1.1, rotate +-10, jitter 4."""
-    return [Pad(12, "constant", 0.5), Jitter(8), RandomScale(STANDARD_SCALES),
-            RandomRotate(STANDARD_ANGLES), Jitter(4)]
+def standard_transforms(size: int | tuple[int, int] | None = None) -> list[Transform]:
+    """Lucid's default transforms: pad 12 (grey), jitter 8, scale 0.9-1.1, rotate +-10, jitter 4.
+
+    Parameters
+    ----------
+    size
+        ``None``: as Lucid (the images' size changes from step to step). ``S`` or ``(H, W)``:
+        then :class:`Resize` to it, for models that take one input size (Vision
+        Transformers).
+
+    Returns
+    -------
+    list of Transform
+    """
+    tfs: list[Transform] = [Pad(12, "constant", 0.5), Jitter(8), RandomScale(STANDARD_SCALES),
+                            RandomRotate(STANDARD_ANGLES), Jitter(4)]
+    return tfs if size is None else [*tfs, Resize(size)]
 
 
 def resolve_transforms(spec: str | Sequence[TransformLike] | None) -> list[TransformLike]:

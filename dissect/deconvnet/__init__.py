@@ -8,6 +8,13 @@
 - :func:`save_patch_grid`, :func:`save_unit_grids`: the
   classic grid image as PNG (OpenCV), and one PNG per unit, ``DIR/<layer>/unit_0012.png``;
   :func:`projection_image` turns one projection into a picture.
+
+Vision Transformers: every function takes ``tokens=`` (and ``select=``) like
+:class:`dissect.hooks.Trace`, so a block's ``(B, N, C)`` tokens are read as ``(B, C, h, w)``
+maps of its patch grid: a unit is a hidden dimension, a position a patch. The deconvnet and
+guided-backprop rules are defined for ReLU networks; a network with no rectifier before the
+layer (a GELU ViT) is refused under them (use ``method="gradient"``). From the first attention
+on, a token's receptive field is the whole image, and so is its top "patch".
 """
 
 from ._common import METHODS

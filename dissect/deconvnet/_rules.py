@@ -6,7 +6,10 @@ A :class:`RectifierRules` mode reroutes every rectifier call made while it is ac
 ``relu_``, ``F.relu6``, ``F.hardtanh`` -- through :class:`_Rectifier`, an autograd function
 whose forward is the original call (same values, same in-place behaviour) and whose backward
 applies the deconvnet or guided-backprop rule. Nothing is patched: leaving the block (also by
-an exception) pops the mode, and a model run outside it is untouched.
+an exception) pops the mode, and a model run outside it is untouched. The rules are defined for
+ReLU networks: other activations and attention keep their ordinary gradient (a warning names
+them), and a network with none of the rectifiers at all is refused
+(:meth:`RectifierRules.check`) rather than given its plain gradient under the rule's name.
 
 :class:`SupportMode` is the structural variant used for receptive fields: rectifiers and
 other elementwise activations become the identity and max-pooling becomes average pooling over
@@ -23,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from ..errors import DissectError
 
 log = logging.getLogger("dissect.deconvnet")
 
@@ -99,6 +104,15 @@ OTHER_ACTIVATIONS: dict[Callable, str] = {
     F.logsigmoid: "logsigmoid",
 }
 
+#: the nonlinear mixing of attention: like :data:`OTHER_ACTIVATIONS`, it keeps its ordinary
+#: gradient under every rule (reported, not changed); not made the identity by
+#: :class:`SupportMode` (softmax mixes every position it normalizes over)
+ATTENTION: dict[Callable, str] = {
+    F.softmax: "softmax", torch.softmax: "softmax", torch.Tensor.softmax: "softmax",
+    F.multi_head_attention_forward: "attention",
+    F.scaled_dot_product_attention: "attention",
+}
+
 
 class _Rectifier(torch.autograd.Function):
     """``forward``: the original rectifier call. ``backward``: the chosen rule.
@@ -142,19 +156,26 @@ class RectifierRules(TorchFunctionMode):
 
     Attributes
     ----------
+    rule
+        The rule.
     rerouted
         Number of rectifier calls rerouted so far.
+    rectifiers
+        Number of rectifier calls seen, rerouted or not (a call without gradients is seen
+        but has nothing to reroute).
     others
-        Calls of other activations (LeakyReLU, SiLU, GELU, ...) seen, by name: they keep their
-        ordinary gradient.
+        Calls of other activations (LeakyReLU, SiLU, GELU, ...) and of attention (softmax)
+        seen, by name: they keep their ordinary gradient.
     """
 
     def __init__(self, rule: str) -> None:
         super().__init__()
         if rule not in RULES:
             raise ValueError(f"unknown rule {rule!r}")
+        self.rule = rule
         self.guided = rule == "guided"
         self.rerouted = 0
+        self.rectifiers = 0
         self.others: Counter[str] = Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
@@ -163,16 +184,41 @@ class RectifierRules(TorchFunctionMode):
         if parser is not None:
             parsed = parser(args, kwargs)
             x = args[0] if args else kwargs.get("input")
+            if parsed is not None:
+                self.rectifiers += 1
             if (parsed is not None and isinstance(x, torch.Tensor) and x.requires_grad
                     and torch.is_grad_enabled()):
                 upper, inplace = parsed
                 self.rerouted += 1
                 return _Rectifier.apply(x, lambda: func(*args, **kwargs), upper, self.guided,
                                         inplace)
-        name = OTHER_ACTIVATIONS.get(func)
+        name = OTHER_ACTIVATIONS.get(func) or ATTENTION.get(func)
         if name is not None and (parser is None or parser(args, kwargs) is None):
             self.others[name] += 1
         return func(*args, **kwargs)
+
+    def check(self, layer: str) -> None:
+        """Refuse a rule that would change nothing on a network that is not a ReLU network.
+
+        Call after a forward pass to ``layer`` under this mode. When the pass met no
+        rectifier but other nonlinearities (GELU, SiLU, softmax attention, ...), the rule
+        applies nowhere and the "projection" would be the plain gradient under another name.
+
+        Raises
+        ------
+        DissectError
+            In that case, naming the nonlinearities and what to use instead.
+        """
+        if self.rectifiers == 0 and self.others:
+            names = ", ".join(f"{name} ({n} calls)" for name, n in sorted(self.others.items()))
+            raise DissectError(
+                f"method={self.rule!r} is defined for ReLU networks (Zeiler & Fergus 2014; "
+                f"Springenberg et al. 2015), but the forward pass to layer {layer!r} has no "
+                f"rectifier (ReLU, ReLU6, hardtanh(0, m)), only {names}: the {self.rule} rule "
+                "would change nothing and the result would be the plain gradient under another "
+                "name. Use method='gradient' (what it would compute, named honestly), or "
+                "dissect.attribution (SmoothGrad, Integrated Gradients, Grad-CAM) for "
+                "GELU/SiLU networks and transformers")
 
 
 def report_others(others: Counter[str], rule: str) -> None:

@@ -19,9 +19,11 @@ from .._plumbing.device import PreparedModel, prepared
 from .._plumbing.items import split_item, stack_inputs
 from .._plumbing.progress import progress_bar
 from ..errors import DataError, DissectError, StoreError
+from ..hooks.select import Selector
+from ..hooks.tokens import UNRECOGNIZED, TokensSpec
 from ..stats import top_rows
 from ..store import ActivationStore
-from ._common import check_method, one_layer
+from ._common import Layer, check_method, one_layer, same_layout
 from ._rules import report_others
 from .projection import argmax_positions, backproject, layer_output, spike_signal
 from .receptive import ReceptiveField, receptive_field
@@ -71,10 +73,15 @@ class _Scan:
     spatial: tuple[int, ...]
 
 
-def _scan(model: nn.Module, module: nn.Module, name: str, dataset: Any, rows: Sequence[int],
+def _scan(model: nn.Module, layer: Layer, dataset: Any, rows: Sequence[int],
           units: list[int], batch_size: int, num_workers: int, placed: PreparedModel,
-          progress: bool, desc: str) -> _Scan:
-    """Max value and arg-max position of each unit on each row (a forward pass, no graph)."""
+          progress: bool, desc: str, method: str) -> _Scan:
+    """Max value and arg-max position of each unit on each row (a forward pass, no graph).
+
+    The first batch also checks that ``method``'s rule applies to the network, so that a
+    refusal comes before the pass over the dataset, not after it.
+    """
+    name = layer.name
     dev = placed.device
     values, flats, index = [], [], []
     shape: tuple[int, ...] | None = None
@@ -87,7 +94,7 @@ def _scan(model: nn.Module, module: nn.Module, name: str, dataset: Any, rows: Se
             elif tuple(x.shape[1:]) != shape:
                 raise DataError(f"data items have different shapes {shape} and "
                                 f"{tuple(x.shape[1:])}: resize them to one size")
-            out = layer_output(model, module, name, placed.inputs(x))
+            out = layer_output(model, layer, placed.inputs(x), None if values else method)
             if not values:
                 units_in_range(units, out.shape[1], name)
                 spatial = tuple(out.shape[2:])
@@ -112,7 +119,7 @@ class _Pair:
     window: tuple[int, int, int, int]
 
 
-def _project_pairs(model: nn.Module, module: nn.Module, name: str, dataset: Any,
+def _project_pairs(model: nn.Module, layer: Layer, dataset: Any,
                    pairs: list[_Pair], field: ReceptiveField, method: str, batch_size: int,
                    num_workers: int, placed: PreparedModel, images: torch.Tensor,
                    projections: torch.Tensor, others: Counter, progress: bool) -> list[_Pair]:
@@ -120,13 +127,16 @@ def _project_pairs(model: nn.Module, module: nn.Module, name: str, dataset: Any,
 
     Each image is read once; its pairs' crops wait in a queue per crop shape until a batch
     is full. A pair whose cropped forward pass does not reproduce the unit's value (a network
-    that is not translation-covariant) is returned, to be redone on the full image.
+    that is not translation-covariant), or that the model refuses to run (a model taking one
+    input size only), is returned, to be redone on the full image.
     """
+    name = layer.name
     by_row: dict[int, list[_Pair]] = {}
     for p in pairs:
         by_row.setdefault(p.row, []).append(p)
     queues: dict[tuple[int, ...], list[tuple[_Pair, torch.Tensor]]] = {}
     misfits: list[_Pair] = []
+    refused: set[tuple[int, ...]] = set()  # crop shapes the model does not run on
     stride = field.stride
     dev = placed.device
 
@@ -153,7 +163,25 @@ def _project_pairs(model: nn.Module, module: nn.Module, name: str, dataset: Any,
                                   atol=rtol * 1e-1 * scale)).cpu()
             return spike_signal(out, units, "max", flat)
 
-        (grads,) = backproject(model, module, name, x, method, [make], others)
+        whole = all(p.crop == (0, field.input_size[0], 0, field.input_size[1]) for p in batch)
+        shape = tuple(x.shape[1:])
+        if shape in refused:
+            misfits.extend(batch)
+            bar.update(len(batch))
+            return
+        try:
+            (grads,) = backproject(model, layer, x, method, [make], others)
+        except (DissectError, MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a crop the model refuses: redo it whole
+            if whole:
+                raise
+            log.info("the model does not run on %s crops (%s: %s); they are redone on the "
+                     "whole images", shape, type(exc).__name__, exc)
+            refused.add(shape)
+            misfits.extend(batch)
+            bar.update(len(batch))
+            return
         grads = grads.detach().cpu()
         for n, p in enumerate(batch):
             if bad[n]:
@@ -193,12 +221,31 @@ def _paste(projections: torch.Tensor, p: _Pair, grad: torch.Tensor) -> None:
                                                                  x0 - cx0:x1 - cx0]
 
 
+def _store_layout(store: ActivationStore, layer: Layer) -> Layer:
+    """``layer`` read as the store read it at capture: its recorded token layout.
+
+    A layout that ``tokens="auto"`` left unrecognized is taken from the store (it records
+    what was passed to :func:`~dissect.capture`); any other difference is an error, since the
+    store's maxima would then be of other units than the ones projected.
+    """
+    stored = store.layout(layer.name)
+    if layer.layout == UNRECOGNIZED and stored is not None:
+        log.info("layer %r: reading its tokens as the store records them (%s)", layer.name,
+                 stored)
+        return layer.with_layout(stored)
+    if not same_layout(layer.layout, stored):
+        mine = None if layer.layout == UNRECOGNIZED else layer.layout
+        raise StoreError(
+            f"{store.path} stored layer {layer.name!r} read as {stored} but this call reads it "
+            f"as {mine}: its maxima would be of other units. Pass tokens= as at capture "
+            f"(tokens={{{layer.name!r}: {stored}}}), or store=None to scan the dataset")
+    return layer
+
+
 def _store_maxima(store: ActivationStore, name: str, units: list[int], dataset: Any,
                   run: PreparedModel) -> tuple[Callable[[int, int], np.ndarray], int]:
     """A reader of the store's per-image maxima of ``units`` (rows are dataset positions):
     ``read(start, stop)`` gives rows ``[start, stop)``; and the number of rows."""
-    if not isinstance(store, ActivationStore):
-        raise DissectError(f"store must be an ActivationStore, not {type(store).__name__}")
     saved = store.meta.get("fingerprint")
     if saved is not None and saved != run.fingerprint:
         raise StoreError(
@@ -228,6 +275,8 @@ def top_patches(
     device: str | torch.device | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    tokens: TokensSpec = "auto",
+    select: Selector | dict[str, Selector] | None = None,
 ) -> TopPatches:
     """Each unit's top-k images with their projections, cropped to its receptive field.
 
@@ -236,6 +285,16 @@ def top_patches(
     with ``location="max"``) and the image patch, both cut to the same window: the receptive
     field of the position of the maximum (:func:`receptive_field`, exact), of one shape for
     the whole layer, shifted inward at the image border.
+
+    Vision Transformers: a token layer is read as the map of its patch grid (``tokens=``),
+    and a unit is a hidden dimension. From the first attention on, every token depends on
+    every pixel: the receptive field is global, so each "patch" is the whole image (and its
+    projection the whole image's), never a crop that would hide part of what drove the unit;
+    :attr:`Patch.position` still says which patch token held the maximum. Before the first
+    attention (the patch embedding, the first block's ``ln_1``) the field is the token's own
+    patch. Token layers are projected on whole images (``crop`` does not apply: position
+    embeddings make a crop compute something else). ``method="deconvnet"`` and ``"guided"``
+    are refused for networks without rectifiers (GELU ViTs): use ``"gradient"``.
 
     Parameters
     ----------
@@ -272,6 +331,10 @@ def top_patches(
         DataLoader worker processes for reading the dataset.
     progress
         Show progress bars.
+    tokens, select
+        How the layer's output is read (token grids, which tensor of several), as in
+        :func:`reconstruct`. With ``store``, a layer that ``"auto"`` does not recognize is
+        read as the store records it; a layout other than the store's is an error.
 
     Returns
     -------
@@ -293,7 +356,16 @@ def top_patches(
     units = unit_list(units)
     k = positive_int(k, "k")
     batch_size = positive_int(batch_size, "batch_size")
-    name, module = one_layer(model, layer)
+    target = one_layer(model, layer, tokens, select)
+    if store is not None:
+        if not isinstance(store, ActivationStore):
+            raise DissectError(f"store must be an ActivationStore, not {type(store).__name__}")
+        target = _store_layout(store, target)
+    name = target.name
+    if crop and target.is_tokens:
+        log.info("layer %r is a token layer: projecting on whole images (crops would shift "
+                 "the patches under the position embeddings)", name)
+        crop = False
     try:
         n = len(dataset)
     except TypeError:
@@ -304,8 +376,8 @@ def top_patches(
     with prepared(model, device) as run:
         model = run.module
         if store is None:
-            scan = _scan(model, module, name, dataset, range(n), units, batch_size,
-                         num_workers, run, progress, f"maxima {name}")
+            scan = _scan(model, target, dataset, range(n), units, batch_size,
+                         num_workers, run, progress, f"maxima {name}", method)
             values = scan.values.numpy()
             read, n_rows = (lambda start, stop: values[start:stop]), len(values)
         else:
@@ -315,8 +387,8 @@ def top_patches(
         order = torch.from_numpy(top_rows(read, n_rows, len(units), k).T)
         chosen = sorted(set(order.flatten().tolist()))
         if store is not None:  # positions (and exact values) of the chosen images only
-            scan = _scan(model, module, name, dataset, chosen, units, batch_size, num_workers,
-                         run, progress, f"positions {name}")
+            scan = _scan(model, target, dataset, chosen, units, batch_size, num_workers,
+                         run, progress, f"positions {name}", method)
             at = {row: n for n, row in enumerate(chosen)}
         else:
             at = {row: row for row in chosen}
@@ -324,7 +396,9 @@ def top_patches(
             raise DissectError(
                 f"top_patches needs (C, H, W) inputs and a layer with 2-D maps or none; got "
                 f"inputs {scan.input_shape} and maps {scan.spatial}")
-        field = receptive_field(run, name, scan.input_shape)
+        field = receptive_field(
+            run, name, scan.input_shape, tokens={name: target.layout},
+            select=None if target.selector is None else {name: target.selector})
         full = (0, scan.input_shape[1], 0, scan.input_shape[2])
         pairs, patches = [], []
         for u_pos, unit in enumerate(units):
@@ -345,17 +419,17 @@ def top_patches(
         wy0, wy1, wx0, wx1 = pairs[0].window
         shape = (len(units), k, scan.input_shape[0], wy1 - wy0, wx1 - wx0)
         images, projections = torch.zeros(shape), torch.zeros(shape)
-        misfits = _project_pairs(model, module, name, dataset, pairs, field, method,
+        misfits = _project_pairs(model, target, dataset, pairs, field, method,
                                  batch_size, num_workers, run, images, projections, others,
                                  progress)
         if misfits:
             log.warning(
                 "%d of %d crops of %r did not reproduce the unit's value (a network that is "
-                "not translation-covariant?); recomputing them on the whole image (crop=False "
-                "skips the crops)", len(misfits), len(pairs), name)
+                "not translation-covariant?) or could not be run; recomputing them on the "
+                "whole image (crop=False skips the crops)", len(misfits), len(pairs), name)
             redo = [_Pair(p.slot, p.unit, p.row, p.value, p.position, full, p.window)
                     for p in misfits]
-            left = _project_pairs(model, module, name, dataset, redo, field, method,
+            left = _project_pairs(model, target, dataset, redo, field, method,
                                   batch_size, num_workers, run, images, projections, others,
                                   progress)
             if left:

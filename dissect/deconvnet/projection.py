@@ -14,7 +14,9 @@ from .._plumbing.chunks import row_chunks
 from .._plumbing.device import prepared
 from .._plumbing.progress import progress_bar
 from ..errors import DissectError
-from ._common import check_method, one_layer, run_to_layer
+from ..hooks.select import Selector
+from ..hooks.tokens import TokensSpec
+from ._common import Layer, check_method, one_layer, run_to_layer
 from ._rules import RectifierRules, report_others
 
 log = logging.getLogger("dissect.deconvnet")
@@ -114,29 +116,38 @@ def spike_signal(out: torch.Tensor, units: torch.Tensor, location: Location,
     return signal
 
 
-def backproject(model: nn.Module, module: nn.Module, name: str, x: torch.Tensor,
-                method: str, signals: list, others: Counter | None = None) -> list[torch.Tensor]:
+def backproject(model: nn.Module, layer: Layer, x: torch.Tensor, method: str, signals: list,
+                others: Counter | None = None) -> list[torch.Tensor]:
     """One forward pass of ``x`` to the layer, then one backward pass per signal.
 
     Parameters
     ----------
     signals
-        Callables ``out -> grad_output`` (one backward pass each, over the same graph).
+        Callables ``out -> grad_output`` (one backward pass each, over the same graph);
+        ``out`` is the layer's output as a map (:meth:`Layer.read`).
 
     Returns
     -------
     list of torch.Tensor
         The input-space projection of each signal, shaped like ``x``.
+
+    Raises
+    ------
+    DissectError
+        For ``"deconvnet"`` or ``"guided"`` on a network without rectifiers up to the layer
+        (:meth:`~dissect.deconvnet.RectifierRules.check`).
     """
     xs = x.detach().clone().requires_grad_(True)
     mode = rules(method)
-    out = run_to_layer(model, module, name, xs, mode)
-    if mode is not None and others is not None:
-        others.update(mode.others)
+    out = run_to_layer(model, layer, xs, mode)
+    if mode is not None:
+        mode.check(layer.name)
+        if others is not None:
+            others.update(mode.others)
     if not out.requires_grad:
         raise DissectError(
-            f"layer {name!r}'s output does not depend on the input through a differentiable "
-            "path, so nothing can be projected back"
+            f"layer {layer.name!r}'s output does not depend on the input through a "
+            "differentiable path, so nothing can be projected back"
         )
     results = []
     for k, make in enumerate(signals):
@@ -145,10 +156,19 @@ def backproject(model: nn.Module, module: nn.Module, name: str, x: torch.Tensor,
     return results
 
 
-def layer_output(model: nn.Module, module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    """The layer's output for ``x`` without gradients (the forward stops at the layer)."""
+def layer_output(model: nn.Module, layer: Layer, x: torch.Tensor,
+                 method: str | None = None) -> torch.Tensor:
+    """The layer's output (a map) for ``x`` without gradients (the forward stops at the layer).
+
+    With ``method``, the pass also checks that the method's rule applies to the network
+    (:meth:`~dissect.deconvnet.RectifierRules.check`), before any projection is computed.
+    """
+    mode = None if method is None else rules(method)
     with torch.no_grad():
-        return run_to_layer(model, module, name, x)
+        out = run_to_layer(model, layer, x, mode)
+    if mode is not None:
+        mode.check(layer.name)
+    return out
 
 
 def reconstruct(
@@ -162,6 +182,8 @@ def reconstruct(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    tokens: TokensSpec = "auto",
+    select: Selector | dict[str, Selector] | None = None,
 ) -> torch.Tensor:
     """Project units of a hidden layer back to input space (Zeiler & Fergus's deconvnet).
 
@@ -182,7 +204,8 @@ def reconstruct(
         A layer name of ``model.named_modules()`` (see :func:`dissect.hooks.layer_names`).
         A module called several times in one forward pass is taken at its first call.
     units
-        Unit (channel) indices of the layer, e.g. ``[0, 5, 7]`` or ``range(16)``.
+        Unit (channel) indices of the layer, e.g. ``[0, 5, 7]`` or ``range(16)``. For a
+        token layer (a Vision Transformer block), the hidden dimensions.
     method
         ``"deconvnet"`` (Zeiler & Fergus 2014): max-pooling is undone with the forward pass's
         switches (the arg-max positions), every rectifier passes ``relu(signal)`` backwards
@@ -190,10 +213,14 @@ def reconstruct(
         are undone with their transposes, residual sums fan the signal out to both branches.
         ``"guided"`` (guided backprop, Springenberg et al. 2015): rectifiers pass
         ``relu(signal) * (forward input in the linear range)``. ``"gradient"``: the plain
-        gradient of the same top signal (what autograd computes).
+        gradient of the same top signal (what autograd computes). The two rules are defined
+        for ReLU networks: a network with no rectifier before the layer (GELU, SiLU,
+        attention: a Vision Transformer) is refused, use ``"gradient"`` there (Notes).
     location
         ``"max"``: the unit's maximal activation (its value, at its first arg-max position);
-        ``"all"``: the unit's whole map; ``(i, j)``: the unit's value at that position.
+        ``"all"``: the unit's whole map; ``(i, j)``: the unit's value at that position. For a
+        token layer, positions of its patch grid (row ``i``, column ``j``; prefix tokens such
+        as the class token are not part of the map).
     batch_size
         Inputs per forward pass (``None``: all at once). Memory holds one batch's graph.
     device
@@ -201,6 +228,15 @@ def reconstruct(
         when available, else the CPU. The model is moved there (and stays).
     progress
         Show a progress bar over backward passes when the call lasts more than a second.
+    tokens
+        How a transformer layer's ``(B, N, C)`` tokens are read as ``(B, C, h, w)`` maps:
+        ``"auto"`` (recognized models: torchvision's and timm's ViTs, Swin; another 3-D
+        output is an error saying how to pass a layout), a
+        :class:`~dissect.hooks.TokenGrid`, ``None`` (the output as it is) or
+        ``{layer: TokenGrid | None}``; as in :class:`dissect.hooks.Trace`.
+    select
+        Which tensor of a module returning several is the layer's output (index, key or
+        callable; :mod:`dissect.hooks.select`), as in :class:`dissect.hooks.Trace`.
 
     Returns
     -------
@@ -225,7 +261,11 @@ def reconstruct(
     passes ``relu(signal)`` (the upper clip is ignored, like the lower mask); guided passes
     ``relu(signal)`` only where ``0 < x < 6``, where its true gradient is 1. Other
     activations (LeakyReLU, ELU, GELU, SiLU, Hardswish, ...) keep their ordinary gradient
-    under every method (as in captum); a warning names them. ``torch.clamp`` used as a ReLU,
+    under every method (as in captum), and so does attention (softmax); a warning names
+    them. A network whose path to the layer has no rectifier at all but such activations
+    (a GELU Vision Transformer, a SiLU network) is refused under ``"deconvnet"`` and
+    ``"guided"``: the rule would apply nowhere and the result would be the plain gradient
+    under another name. ``torch.clamp`` used as a ReLU,
     TorchScript and ``torch.compile``-d models are not rerouted. Multi-GPU ``DataParallel``
     replicas run in other threads, outside the mode: use one device.
 
@@ -239,7 +279,8 @@ def reconstruct(
     x = batched_input(x)
     method = check_method(method)
     units = unit_list(units)
-    name, module = one_layer(model, layer)
+    target = one_layer(model, layer, tokens, select)
+    name = target.name
     chunks = row_chunks(x.shape[0], optional_positive_int(batch_size, "batch_size"))
     others: Counter[str] = Counter()
     result: torch.Tensor | None = None
@@ -262,8 +303,8 @@ def reconstruct(
                         return spike_signal(out, rows, checked)
                     return make
 
-                grads = backproject(model, module, name, xb, method,
-                                    [signal(u) for u in units], others)
+                grads = backproject(model, target, xb, method, [signal(u) for u in units],
+                                    others)
                 block = torch.stack(grads, dim=1).to(x.device, x.dtype)
                 if result is None:
                     result = torch.empty((x.shape[0],) + block.shape[1:], dtype=block.dtype,

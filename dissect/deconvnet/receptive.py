@@ -12,7 +12,9 @@ from torch import nn
 
 from .._plumbing.device import PreparedModel, prepared
 from ..errors import DissectError
-from ._common import one_layer, run_to_layer
+from ..hooks.select import Selector
+from ..hooks.tokens import TokensSpec
+from ._common import Layer, one_layer, run_to_layer
 from ._rules import SupportMode
 
 log = logging.getLogger("dissect.deconvnet")
@@ -129,13 +131,14 @@ def _shape(input_size: int | Sequence[int]) -> tuple[int, int, int]:
     return dims  # type: ignore[return-value]
 
 
-def _supports(model: nn.Module, module: nn.Module, name: str, shape: tuple[int, int, int],
+def _supports(model: nn.Module, layer: Layer, shape: tuple[int, int, int],
               placed: PreparedModel, where: Callable[[int, int], list[tuple[int, int]]],
               ) -> tuple[tuple[int, int], list[tuple[int, int, int, int] | None]]:
     """Map size, and the input box each position ``where(h, w)`` depends on (None: none)."""
+    name = layer.name
     x = placed.inputs(torch.zeros((1, *shape))).requires_grad_(True)
     mode = SupportMode()
-    out = run_to_layer(model, module, name, x, mode)
+    out = run_to_layer(model, layer, x, mode)
     if mode.inexact:
         log.warning("receptive field of %r: %s kept as is; the field may be underestimated",
                     name, ", ".join(sorted(mode.inexact)))
@@ -182,14 +185,30 @@ def _fit(boxes: list, n: int, side: int, axis: int, centre: int) -> tuple[int, i
     return hi0 - lo0, lo1 - lo0, lo0 - centre * (lo1 - lo0)
 
 
-def _grow(model: nn.Module, module: nn.Module, name: str, shape: tuple[int, int, int],
+def _grow(model: nn.Module, layer: Layer, shape: tuple[int, int, int],
           axis: int, placed: PreparedModel) -> tuple[int, int, int] | None:
-    """Fit one axis on probes doubled along it until the field fits (None: global)."""
+    """Fit one axis on probes doubled along it until the field fits (None: global).
+
+    A model that does not run on a larger probe (a Vision Transformer takes one input size:
+    its position embeddings are fixed) gives None: at the input size, the field already
+    reaches the border, and there is no larger input on which it could be told apart from
+    the whole image.
+    """
     probe = list(shape)
     last = -1
     while probe[1 + axis] < MAX_PROBE:
         probe[1 + axis] = min(2 * probe[1 + axis], MAX_PROBE)
-        (h, w), boxes = _supports(model, module, name, tuple(probe), placed, _centre)
+        try:
+            (h, w), boxes = _supports(model, layer, tuple(probe), placed, _centre)
+        except _NotSpatial:
+            return None
+        except (MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - any refusal of the larger input size
+            log.info("receptive field of %r: the model does not run on %s inputs (%s: %s); "
+                     "its field, which reaches the border of %s inputs, is global",
+                     layer.name, tuple(probe[1:]), type(exc).__name__, exc, tuple(shape[1:]))
+            return None
         n = (h, w)[axis]
         if n == last:  # the maps do not grow with the input (adaptive pooling): global
             return None
@@ -206,6 +225,8 @@ def receptive_field(
     input_size: int | Sequence[int],
     *,
     device: str | torch.device | None = None,
+    tokens: TokensSpec = "auto",
+    select: Selector | dict[str, Selector] | None = None,
 ) -> ReceptiveField:
     """Measure the receptive field of a layer's positions, exactly, from the network itself.
 
@@ -219,6 +240,12 @@ def receptive_field(
     size on the first and last positions; a network whose fields are not a regular grid,
     or depend on the whole input, is reported as ``is_global``.
 
+    A Vision Transformer's token layers are read as maps of their patch grid (``tokens=``).
+    Up to its first attention, a token depends on its own patch only (a field of one patch,
+    the patch size as stride); from the first attention on, every token depends on every
+    pixel and the field is global. A model that takes one input size only cannot be probed
+    larger: a field that reaches the border at the input size is then reported global.
+
     Parameters
     ----------
     model
@@ -229,6 +256,9 @@ def receptive_field(
         ``S``, ``(H, W)`` or ``(C, H, W)`` of the model's inputs (3 channels unless given).
     device
         Where to compute (as in :func:`reconstruct`).
+    tokens, select
+        How the layer's output is read (token grids, which tensor of several), as in
+        :func:`reconstruct`.
 
     Returns
     -------
@@ -240,13 +270,14 @@ def receptive_field(
     (99, 99)
     """
     shape = _shape(input_size)
-    name, module = one_layer(model, layer)
+    target = one_layer(model, layer, tokens, select)
+    name = target.name
     size = (shape[1], shape[2])
     with prepared(model, device) as run:
         model = run.module
         try:
             (h, w), boxes = _supports(
-                model, module, name, shape, run,
+                model, target, shape, run,
                 lambda h, w: _centre(h, w) + [(0, 0), (h - 1, w - 1)])
         except _NotSpatial as exc:
             log.info("layer %r has outputs of shape %s (no 2-D maps): its field is global",
@@ -258,7 +289,7 @@ def receptive_field(
             n = (h, w)[axis]
             fit = _fit(boxes, n, size[axis], axis, n // 2)
             if fit is None:
-                fit = _grow(model, module, name, shape, axis, run)
+                fit = _grow(model, target, shape, axis, run)
             if fit is None or fit[1] < 1:
                 return global_field
             fits.append(fit)
