@@ -379,3 +379,28 @@ def test_cli_reads_token_layers_as_maps(tmp_path, capsys):
     assert "encoder.layers.encoder_layer_0: (4, 50, 32)" in capsys.readouterr().out
     assert main([*args, "--out", str(tmp_path / "c.h5"), "--tokens", "1:1x49"]) == 0
     assert "encoder.layers.encoder_layer_0: (4, 32, 1, 49)" in capsys.readouterr().out
+
+
+def test_cli_actmax_deconv_and_invert_take_token_layers(tmp_path, capsys):
+    from skimage import data as skdata
+    from skimage.io import imsave
+
+    from dissect.cli import main
+
+    factory = tmp_path / "vit.py"
+    factory.write_text("import torchvision\n\ndef make():\n    return torchvision.models."
+                       "VisionTransformer(image_size=224, patch_size=32, num_layers=1, "
+                       "num_heads=2, hidden_dim=32, mlp_dim=64)\n")
+    spec, block = f"{factory}:make", "encoder.layers.encoder_layer_0"
+    assert main(["actmax", spec, "--layer", block, "--units", "0-1", "--steps", "2",
+                 "--size", "224", "--transforms", "resized", "--out", str(tmp_path / "am"),
+                 "--quiet"]) == 0
+    assert (tmp_path / "am" / f"{block}_grid.png").exists()
+    assert main(["deconv", spec, "--layer", block, "--units", "0", "--data", "synthetic:4",
+                 "--method", "gradient", "-k", "2", "--out", str(tmp_path / "dc"),
+                 "--quiet"]) == 0
+    imsave(tmp_path / "cat.png", skdata.chelsea())
+    assert main(["invert", spec, "--layer", block, "--image", str(tmp_path / "cat.png"),
+                 "--steps", "2", "--size", "224", "--out", str(tmp_path / "inv"),
+                 "--quiet"]) == 0
+    capsys.readouterr()

@@ -9,6 +9,7 @@ import torch
 from ._common import (
     add_common,
     add_model_args,
+    add_tokens,
     check_out_folder,
     load_cli_model,
     make_out_folder,
@@ -42,20 +43,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="image parametrization (fft)")
     p.add_argument("--no-decorrelate", action="store_true",
                    help="optimize plain RGB instead of the decorrelated colour basis")
-    p.add_argument("--transforms", default="standard", choices=["standard", "none"],
-                   help="random transforms each step (standard: Lucid's)")
+    p.add_argument("--transforms", default="standard", choices=["standard", "resized", "none"],
+                   help="random transforms each step (standard: Lucid's; resized: Lucid's, "
+                   "resized back to --size, for models that take one input size such as ViTs)")
     p.add_argument("--seed", type=seed, default=0, help="random seed (0)")
     p.add_argument("--ncol", type=positive, default=8, help="grid columns (8)")
+    add_tokens(p)
     add_common(p, batch=64)
     return p
 
 
-def _channels(model: torch.nn.Module, layer: str, size: int, normalize, dev) -> int:
+def _channels(model: torch.nn.Module, layer: str, size: int, normalize, dev, tokens) -> int:
     """Channel count of ``layer`` from one forward pass of a grey image."""
     from ..errors import DissectError
 
     x = normalize(torch.full((1, 3, size, size), 0.5, device=dev))
-    shapes = output_shapes(model, layer, x, "--size", stop=True)
+    shapes = output_shapes(model, layer, x, "--size", stop=True, tokens=tokens)
     shape = shapes.get(layer)
     if shape is None:
         raise DissectError(f"layer {layer} did not run in the model's forward pass: choose "
@@ -81,11 +84,13 @@ def run(args: argparse.Namespace) -> int:
     normalize = getattr(transform, "normalize", transform)
     chosen = args.units
     if chosen is None:
-        chosen = list(range(_channels(model, layer, args.size, normalize, dev)))
+        chosen = list(range(_channels(model, layer, args.size, normalize, dev, args.tokens)))
+    transforms = {"none": None, "standard": "standard",
+                  "resized": actmax.standard_transforms(size=args.size)}[args.transforms]
     result = actmax.visualize(
         model, [actmax.channel(layer, u) for u in chosen], size=args.size, steps=args.steps,
         lr=args.lr, param=args.param, decorrelate=not args.no_decorrelate,
-        transforms=None if args.transforms == "none" else "standard",
+        transforms=transforms, tokens=args.tokens,
         batch_size=args.batch_size, seed=args.seed, device=dev, progress=not args.quiet,
         normalize=normalize, return_result=True,
     )

@@ -8,6 +8,7 @@ from ._common import (
     add_common,
     add_k,
     add_model_args,
+    add_tokens,
     check_out_folder,
     load_cli_model,
     make_out_folder,
@@ -53,6 +54,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--columns", type=positive, default=4, help="unit blocks per grid row (4)")
     p.add_argument("--no-crop", action="store_true",
                    help="project on whole images instead of receptive-field crops (slower)")
+    add_tokens(p)
     add_common(p, batch=32)
     return p
 
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         result = top_patches(model, data, args.layer, args.units, k=args.k, store=store,
                              method=args.method, batch_size=args.batch_size,
                              crop=not args.no_crop, device=args.device,
-                             num_workers=args.num_workers, progress=not args.quiet)
+                             num_workers=args.num_workers, progress=not args.quiet,
+                             tokens=args.tokens)
     finally:
         if store is not None:
             store.close()

@@ -10,6 +10,7 @@ import torch
 from ._common import (
     add_common,
     add_model_args,
+    add_tokens,
     check_out_folder,
     load_cli_model,
     make_out_folder,
@@ -43,6 +44,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--param", default="fft", choices=["fft", "pixel"],
                    help="image parametrization (fft)")
     p.add_argument("--seed", type=seed, default=0, help="random seed (0)")
+    add_tokens(p)
     add_common(p, batch=16)
     return p
 
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     results = [actmax.invert(model, xs, layer, steps=args.steps, lr=args.lr,
                              tv_weight=args.tv_weight, param=args.param, batch_size=args.batch_size,
                              seed=args.seed, device=dev, progress=not args.quiet,
-                             normalize=normalize) for xs in groups]
+                             normalize=normalize, tokens=args.tokens) for xs in groups]
     recon = [r for batch in results for r in batch]
     make_out_folder(args.out)
     for file, x, r in zip(args.image, images, recon, strict=True):
