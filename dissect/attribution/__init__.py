@@ -10,7 +10,10 @@ per input) or a callable mapping the model output to one score per row.
 - :func:`integrated_gradients`: path integral from a baseline, captum's five rules, with the
   completeness delta.
 - :func:`occlusion`: score drop under a sliding gray/baseline window.
-- :func:`grad_cam`: a layer's maps weighted by their pooled gradients, upsampled.
+- :func:`grad_cam`: a layer's maps weighted by their pooled gradients, upsampled; a
+  transformer layer's patch tokens are read as maps (``tokens=``), and
+  :func:`last_spatial_layer` picks the last layer the output depends on through its maps (for
+  a class-token ViT the last block's first norm, not the last block).
 - :func:`overlay`, :func:`heatmap`, :func:`save_png`: OpenCV colormaps and PNG files.
 """
 

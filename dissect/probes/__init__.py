@@ -1,7 +1,8 @@
 """Per-layer linear classifier probes (Alain & Bengio 2016), controls after Hewitt & Liang 2019.
 
 How linearly decodable is a label at each layer? :func:`probe` fits a multinomial logistic
-regression on every layer's pooled, standardized activations from an
+regression on every layer's pooled (or, for a transformer layer, class-token:
+``pool="cls"``), standardized activations from an
 :class:`~dissect.store.ActivationStore`, all layers in one batched L-BFGS run on the device, and
 reports train and held-out test accuracy next to a *control*: the same probe trained on labels
 permuted across samples. In high dimensions a linear probe fits noise (with as many features as

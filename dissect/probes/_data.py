@@ -1,6 +1,7 @@
 """Labels, the stratified split, and per-layer probe features read from an activation store.
 
-Features of one layer go through: pooling (per row chunk, as read from HDF5), standardization
+Features of one layer go through: pooling (per row chunk, as read from HDF5; or a transformer
+layer's class token, read from the prefix tokens the store keeps), standardization
 with the training rows' mean and standard deviation, an optional reduction to ``max_features``
 columns (PCA on the standardized training rows, or a Gaussian random projection), and a leading
 column of ones (the bias). Rows are stored in *split order* (fit rows, validation rows, test rows)
@@ -9,6 +10,7 @@ so that every subset the fit needs is a leading or trailing range of rows.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -26,7 +28,7 @@ from ._fit import Block
 
 log = logging.getLogger(__name__)
 
-POOLS = ("mean", "max", None)
+POOLS = ("mean", "max", "cls", None)
 
 
 # --------------------------------------------------------------------------- labels
@@ -179,7 +181,7 @@ class LayerPlan:
     input_features: int
     n_features: int
     reduction: str | None
-    source: str  # "activations" or "maxima"
+    source: str  # "activations", "maxima" or "prefix" (the class token)
     rotate: bool = False  # express the features in their principal axes (no loss)
     in_memory: bool = True
     explained_variance: float | None = None
@@ -196,7 +198,9 @@ def plan_layer(
     ``stored_pool`` is the pooling the store was captured with (its ``pool`` attribute).
     """
     ds = store[name]
-    if pool == "max" and (ds.ndim > 2 or stored_pool not in (None, "max")):
+    if pool == "cls":
+        source, d_in = "prefix", class_token_width(store, name)
+    elif pool == "max" and (ds.ndim > 2 or stored_pool not in (None, "max")):
         source, d_in = "maxima", int(ds.shape[1])  # per-sample spatial maxima, stored exactly
     elif ds.ndim <= 2 or pool is not None:
         source, d_in = "activations", int(ds.shape[1]) if ds.ndim > 1 else 1
@@ -213,6 +217,38 @@ def plan_layer(
     return LayerPlan(name, position, d_in, k, how, source, rotate=rotate)
 
 
+def class_token_width(store: ActivationStore, name: str) -> int:
+    """The width ``C`` of ``name``'s class token, or an error saying why it has none.
+
+    ``pool="cls"`` reads the first prefix token (the class token) a store keeps for a layer
+    captured from token outputs (:meth:`ActivationStore.prefix`, ``(N, P, C)``).
+    """
+    layout = store.layout(name)
+    if layout is None or not layout.prefix:
+        read = "was not read from token outputs" if layout is None else \
+            f"was read from token outputs without prefix tokens ({layout})"
+        raise DissectError(
+            f"pool='cls' reads the class token, but layer {name!r} of {store.path} has none: "
+            f"it {read}. Probe it with pool='mean' (the mean over its patch tokens or its "
+            "map), or choose the transformer layers that have a class token with layers=")
+    return int(store.prefix(name).shape[2])
+
+
+def stored_layouts(store: ActivationStore, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``{layer: layout}`` of the layers read from token outputs, as JSON-ready dicts
+    (:meth:`dissect.hooks.TokenGrid.to_json`) with the grid the store's maps have."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        layout = store.layout(name)
+        if layout is None:
+            continue
+        found = json.loads(layout.to_json())
+        if store[name].ndim == 4:
+            found["grid"] = [int(v) for v in store[name].shape[2:]]
+        out[name] = found
+    return out
+
+
 def _pooled_chunks(
     store: ActivationStore, plan: LayerPlan, pool: str | None, n: int, read_bytes: int
 ) -> Iterator[tuple[int, np.ndarray]]:
@@ -222,6 +258,12 @@ def _pooled_chunks(
         step = max(1, read_bytes // max(1, data.shape[1] * 4))
         for s in range(0, n, step):
             yield s, np.ascontiguousarray(data[s : s + step], dtype=np.float32)
+        return
+    if plan.source == "prefix":  # the class token: the first prefix token of each row
+        tokens = store.prefix(plan.name)
+        step = max(1, read_bytes // max(1, plan.input_features * 4))
+        for s in range(0, n, step):
+            yield s, np.asarray(tokens[s : min(n, s + step), 0], dtype=np.float32)
         return
     ds = store[plan.name]
     row_elems = int(np.prod(ds.shape[1:], dtype=np.int64)) if ds.ndim > 1 else 1

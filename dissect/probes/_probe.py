@@ -24,6 +24,7 @@ from ._data import (
     make_blocks,
     plan_layer,
     resolve_labels,
+    stored_layouts,
     stratified_split,
 )
 from ._fit import BatchedSoftmax, FitInfo
@@ -111,7 +112,8 @@ class ProbeOptions:
 
 def _check_args(pool: Any, reg: Any, max_features: Any, opts: ProbeOptions) -> None:
     if pool not in POOLS:
-        raise DissectError(f"pool must be 'mean', 'max' or None (flatten), got {pool!r}")
+        raise DissectError(f"pool must be 'mean', 'max', 'cls' (a transformer's class "
+                           f"token) or None (flatten), got {pool!r}")
     if isinstance(reg, str):
         if reg != "auto":
             raise DissectError(f"reg must be 'auto' or a positive float, got {reg!r}")
@@ -213,7 +215,12 @@ def probe(
     pool
         How ``(N, K, H, W)`` activations become features: ``"mean"`` or ``"max"`` over space
         (``"max"`` reads the store's exact per-sample maxima), or ``None`` to flatten. Already
-        pooled ``(N, K)`` layers are used as stored.
+        pooled ``(N, K)`` layers are used as stored. A transformer layer captured from tokens
+        is stored as the map of its patch tokens, so ``"mean"`` is the mean over the patch
+        tokens (the class token left out); ``"cls"`` reads its class token instead, the first
+        of the prefix tokens the store keeps (:meth:`ActivationStore.prefix
+        <dissect.store.ActivationStore.prefix>`; torchvision's and timm's ViTs put the class
+        token first). ``"cls"`` on a layer without prefix tokens is an error.
     test_size
         Held-out share (or row count) of the stratified split; deterministic from ``seed``.
     seed
@@ -392,5 +399,8 @@ def _probe(
         "device": str(dev), **{k: v for k, v in asdict(opts).items() if k != "tmpdir"},
     }
     settings["reg_grid"] = list(opts.reg_grid)
+    layouts = stored_layouts(store, names)
+    if layouts:  # the layers read from token outputs (the report shows them)
+        settings["tokens"] = layouts
     return ProbeResult(rows, classes=classes, train_index=train_idx, test_index=test_idx,
                        val_index=np.sort(val_idx), settings=settings)

@@ -104,7 +104,8 @@ class ProbeResult:
         choose ``reg`` (``val_index``) are part of ``train_index``.
     settings
         The call's settings (pool, test_size, seed, reg, max_features, control, flag margins,
-        tolerance, row counts, store path).
+        tolerance, row counts, store path; ``tokens``: the layout of each layer read from
+        token outputs, ``{layer: {"prefix", "grid", "channels_last"}}``, when there are any).
     """
 
     def __init__(

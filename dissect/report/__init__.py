@@ -6,7 +6,8 @@ anything. Every part is optional; the report shows what is there:
 ==============================  ============================================================
 ``run.json``                    model, dataset, layers and settings of the run
 ``netdissect.json``             :meth:`DissectionResult.to_json <dissect.netdissect.
-                                DissectionResult.to_json>`
+                                DissectionResult.to_json>` (its ``meta["tokens"]``, when
+                                present, says which layers were read from token outputs)
 ``units/<layer>/unit_K.png``    top images with the active region outlined
                                 (:func:`render_unit_images`)
 ``actmax/<layer>/unit_K.png``   activation-maximization images
@@ -38,6 +39,7 @@ from typing import Any
 from .._plumbing.deprecation import renamed_kwargs
 from .._plumbing.images import write_png
 from .._plumbing.paths import unit_image_path
+from .._plumbing.token_grid import TokenGrid
 from ..errors import DissectError
 from . import pages
 from .figures import category_chart, concept_bar_chart
@@ -48,6 +50,10 @@ __all__ = ["outline_strip", "render_unit_images", "unit_image_path", "write_repo
 log = logging.getLogger(__name__)
 
 UNIT_IMAGE_KINDS = {"top": "units", "actmax": "actmax", "deconv": "deconv"}
+POOL_WORDS = {  # a probe's pool= in words
+    "mean": "each layer's mean over space (over the patch tokens for a layer read from tokens)",
+    "max": "each layer's maximum over space", "cls": "each layer's class token (pool='cls')",
+    None: "each layer's whole map, flattened"}
 
 
 def _read_json(path: Path) -> Any:
@@ -107,6 +113,26 @@ def _load_probes(results: Path) -> Any:
     from ..probes import ProbeResult
 
     return ProbeResult.from_json(path)
+
+
+def _token_layouts(found: Any, source: Path) -> dict[str, TokenGrid]:
+    """``{layer: TokenGrid}`` from a result's record of its token layers (``meta["tokens"]``
+    of Network Dissection, ``settings["tokens"]`` of probes): JSON strings or dicts."""
+    if not found:
+        return {}
+    if not isinstance(found, dict):
+        raise DissectError(f"{source}: its token layouts are {type(found).__name__}, not "
+                           "{layer: layout}; rewrite it with the analysis that made it")
+    out = {}
+    for layer, layout in found.items():
+        try:
+            out[str(layer)] = TokenGrid.from_json(
+                layout if isinstance(layout, (str, bytes)) else json.dumps(layout))
+        except (DissectError, TypeError) as exc:
+            raise DissectError(f"{source}: the token layout of layer {layer!r} is not "
+                               f"readable ({exc}); rewrite it with the analysis that made "
+                               "it") from exc
+    return out
 
 
 def _overview(run: dict[str, Any], result: Any) -> str:
@@ -187,6 +213,8 @@ def write_report(results: str | Path, out_dir: str | Path | None = None) -> Path
         from ..netdissect import DissectionResult
 
         result = DissectionResult.from_json(results / "netdissect.json")
+    tokens = _token_layouts(result.meta.get("tokens"), results / "netdissect.json") \
+        if result is not None else {}
     probes = _load_probes(results)
     actmax = _load_actmax(results)
     attribution_file = results / "attribution" / "attribution.json"
@@ -219,7 +247,7 @@ def write_report(results: str | Path, out_dir: str | Path | None = None) -> Path
     deconv_caption = "deconvnet patches" if method == "deconvnet" else f"{method} patches"
     if result is not None:
         body.append("<h2>Network Dissection: detectors per category</h2>")
-        body.append(pages.detector_table(result))
+        body.append(pages.detector_table(result, tokens))
         body.append(pages.figure(str(category_chart(result, report / "figures" / "categories.png")
                                      .relative_to(report)), "detectors per category per layer"))
         deepest = result.layers[-1]
@@ -231,14 +259,19 @@ def write_report(results: str | Path, out_dir: str | Path | None = None) -> Path
             chart = concept_bar_chart(result, layer,
                                       report / "figures" / f"concepts-{pages.slug(layer)}.png")
             html = pages.layer_body(result, layer, _unit_images(results, report, layer, actmax),
-                                    str(chart.relative_to(report)), deconv_caption)
+                                    str(chart.relative_to(report)), deconv_caption,
+                                    tokens.get(layer))
             (report / pages.layer_page_name(layer)).write_text(
                 pages.page(f"{layer}: units", html, nav, script=True))
     if probes is not None:
         body.append("<h2>Linear probes: accuracy per layer</h2>")
+        pool = probes.settings.get("pool", "mean")
+        if pool in POOL_WORDS:
+            body.append(f'<p class="meta">Features: {pages.esc(POOL_WORDS[pool])}.</p>')
         plot = probes.plot(report / "figures" / "probes.png")
         body.append(pages.figure(str(Path(plot).relative_to(report)), "probe accuracy vs depth"))
-        body.append(pages.probe_table(probes))
+        body.append(pages.probe_table(probes, _token_layouts(
+            probes.settings.get("tokens"), results / "probes.json")))
     if attributions:
         entries = []
         for e in attributions:

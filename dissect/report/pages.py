@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .._plumbing.paths import safe_name
+from .._plumbing.token_grid import TokenGrid
 from .figures import category_colors
 
 
@@ -54,26 +55,46 @@ def figure(src: str, alt: str) -> str:
     return f'<p><img class="figure" src="{esc(src)}" alt="{esc(alt)}"></p>'
 
 
-def detector_table(result: Any) -> str:
-    """Detectors per category per layer, with unit counts and unique concepts."""
+def token_note(layout: TokenGrid | None) -> str:
+    """How a layer was read from token outputs, in words (``"tokens: 1 prefix + 7x7"``,
+    ``"channels-last map"``), or ``""`` for a layer stored as its module returned it."""
+    if layout is None:
+        return ""
+    if layout.channels_last:
+        return "channels-last map (B, H, W, C)"
+    grid = "square grid" if layout.grid is None else f"{layout.grid[0]}x{layout.grid[1]}"
+    return f"tokens: {layout.prefix} prefix + {grid}"
+
+
+def _layer_cell(layer: str, layout: TokenGrid | None, link: bool) -> str:
+    name = f'<a href="{esc(layer_page_name(layer))}">{esc(layer)}</a>' if link else esc(layer)
+    note = token_note(layout)
+    return name + (f' <span class="meta">({esc(note)})</span>' if note else "")
+
+
+def detector_table(result: Any, tokens: dict[str, TokenGrid] | None = None) -> str:
+    """Detectors per category per layer, with unit counts and unique concepts; a layer read
+    from token outputs (``tokens``: its layout) says so."""
     rows = []
     for layer in result.layers:
         det = result.detectors(layer)
         per_cat = Counter(u.category for u in det)
-        link = f'<a href="{esc(layer_page_name(layer))}">{esc(layer)}</a>'
+        link = _layer_cell(layer, (tokens or {}).get(layer), link=True)
         rows.append([link, result.iou(layer).shape[0], len(det), len({u.concept for u in det})]
                     + [per_cat[c] for c in result.categories])
     return table(["layer", "units", "detectors", "unique concepts"] + list(result.categories),
                  rows, raw=True) if rows else ""
 
 
-def probe_table(probes: Any) -> str:
-    """Train, test, control and selectivity per layer; flagged layers marked."""
+def probe_table(probes: Any, tokens: dict[str, TokenGrid] | None = None) -> str:
+    """Train, test, control and selectivity per layer; flagged layers marked; a layer read
+    from token outputs (``tokens``: its layout) says so."""
     rows = []
     for layer in probes.layers:
         r = probes[layer]
         flag = '<span class="flag">flagged</span>' if getattr(r, "flagged", False) else ""
-        rows.append([esc(layer), r.n_features, f"{r.train_accuracy:.3f}", f"{r.test_accuracy:.3f}",
+        rows.append([_layer_cell(layer, (tokens or {}).get(layer), link=False), r.n_features,
+                     f"{r.train_accuracy:.3f}", f"{r.test_accuracy:.3f}",
                      f"{r.control_train_accuracy:.3f}", f"{r.control_test_accuracy:.3f}",
                      f"{r.selectivity:+.3f}", f"{r.chance:.3f}", flag])
     return table(["layer", "features", "train", "test", "control train", "control test",
@@ -111,8 +132,10 @@ def unit_card(unit: Any, images: dict[str, str], color: str,
 
 
 def layer_body(result: Any, layer: str, images: dict[int, dict[str, str]], chart: str,
-               deconv_caption: str = "deconvnet patches") -> str:
-    """A layer page: the concept chart, the controls, the gallery of unit cards."""
+               deconv_caption: str = "deconvnet patches",
+               layout: TokenGrid | None = None) -> str:
+    """A layer page: the concept chart, the controls, the gallery of unit cards. ``layout``:
+    how the layer was read from token outputs, if it was (said above the gallery)."""
     colors = category_colors(result.categories)
     units = sorted(result.units(layer), key=lambda u: -u.iou)
     shown = [u for u in units if u.unit in images] or units
@@ -135,11 +158,16 @@ def layer_body(result: Any, layer: str, images: dict[int, dict[str, str]], chart
         '<span id="count" class="meta"></span></div>'
     )
     det = result.detectors(layer)
+    read = ""
+    if layout is not None:
+        parts = "its patch tokens, prefix tokens left out," if layout.prefix else "its map"
+        read = (f" Read from token outputs ({esc(token_note(layout))}): a unit is a channel of "
+                f"{parts} laid out on the patch grid like a convolution's map.")
     return (
         f'<p class="meta">{len(units)} units, {len(det)} detectors (IoU &gt; '
-        f"{result.iou_threshold}), threshold quantile {result.quantile}.{note} Top images: the "
-        "region where the unit's upsampled activation exceeds its threshold is outlined, the "
-        "rest dimmed.</p>"
+        f"{result.iou_threshold}), threshold quantile {result.quantile}.{note}{read} Top "
+        "images: the region where the unit's upsampled activation exceeds its threshold is "
+        "outlined, the rest dimmed.</p>"
         + figure(chart, f"detectors per concept in {layer}")
         + controls + f'<div id="gallery" class="gallery">{cards}</div>'
     )
