@@ -404,3 +404,41 @@ def test_cli_actmax_deconv_and_invert_take_token_layers(tmp_path, capsys):
                  "--steps", "2", "--size", "224", "--out", str(tmp_path / "inv"),
                  "--quiet"]) == 0
     capsys.readouterr()
+
+
+def test_pooled_token_layers_open_and_keep_their_class_token(tmp_path):
+    vit = tiny_vit()
+    x = torch.randn(3, 3, 112, 112)
+    with capture(vit, x, [BLOCK], tmp_path / "p.h5", pool="mean", dtype="float32",
+                 progress=False) as store:
+        raw = _hooked(vit, BLOCK, x)
+        np.testing.assert_allclose(store[BLOCK][:], raw[:, 1:].mean(1).numpy(), rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_array_equal(store.prefix(BLOCK)[:], raw[:, :1].numpy())
+        assert store.layout(BLOCK) == TokenGrid(1, (7, 7))
+
+
+def test_a_dissection_records_its_token_layouts(tmp_path):
+    vit = tiny_vit()
+    ds = SyntheticConcepts(8, size=112)
+    res = dissect(vit, ds, [BLOCK, "conv_proj"], batch_size=8, progress=False,
+                  store_path=tmp_path / "d.h5")
+    assert res.meta["tokens"] == {BLOCK: {"prefix": 1, "grid": [7, 7], "channels_last": False,
+                                          "class_token": True}}
+
+
+def test_register_tokens_without_a_class_token_are_not_read_as_one(tmp_path):
+    timm = pytest.importorskip("timm")
+    from dissect.probes import probe
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, reg_tokens=2,
+                            class_token=False, global_pool="avg", img_size=64, depth=1,
+                            num_classes=2).eval()
+    grid = token_layout(vit, "blocks.0")
+    assert grid == TokenGrid(prefix=2, grid=(4, 4), class_token=False)
+    x = torch.randn(8, 3, 64, 64)
+    with capture(vit, x, ["blocks.0"], tmp_path / "r.h5", progress=False) as store:
+        assert store.layout("blocks.0") == grid
+        with pytest.raises(DissectError, match="no class token"):
+            probe(store, np.arange(8) % 2, pool="cls", progress=False)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..errors import DissectError
 
-__all__ = ["TokenGrid"]
+__all__ = ["TokenGrid", "stored_layouts"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,10 @@ class TokenGrid:
         The output is already a map, channels last, ``(B, H, W, C)`` (Swin, timm's NHWC
         stages): it is permuted to ``(B, C, H, W)``. ``prefix`` must then be 0 and ``grid``,
         when given, must match ``(H, W)``.
+    class_token
+        The first prefix token is a class token (torchvision's ViT, most timm ViTs). ``False``
+        for prefix tokens that are all registers (timm's ``class_token=False``): then a
+        probe's ``pool="cls"`` refuses the layer instead of reading a register token.
 
     Examples
     --------
@@ -50,6 +56,7 @@ class TokenGrid:
     prefix: int = 1
     grid: tuple[int, int] | None = None
     channels_last: bool = False
+    class_token: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefix, int) or isinstance(self.prefix, bool) or self.prefix < 0:
@@ -68,7 +75,7 @@ class TokenGrid:
     @classmethod
     def nhwc(cls) -> TokenGrid:
         """The layout of channels-last maps ``(B, H, W, C)`` (Swin, timm's NHWC stages)."""
-        return cls(prefix=0, grid=None, channels_last=True)
+        return cls(prefix=0, grid=None, channels_last=True, class_token=False)
 
     def shape_of(self, n_tokens: int, layer: str = "") -> tuple[int, int]:
         """The grid ``(h, w)`` of ``n_tokens`` tokens (prefix included); an error if they do
@@ -124,7 +131,8 @@ class TokenGrid:
         """The layout as the JSON a store records in its layer's ``tokens`` attribute."""
         return json.dumps({"prefix": self.prefix,
                            "grid": None if self.grid is None else list(self.grid),
-                           "channels_last": self.channels_last})
+                           "channels_last": self.channels_last,
+                           "class_token": self.class_token})
 
     @classmethod
     def from_json(cls, text: str | bytes) -> TokenGrid:
@@ -133,6 +141,23 @@ class TokenGrid:
             d = json.loads(text)
             return cls(prefix=int(d["prefix"]),
                        grid=None if d["grid"] is None else tuple(d["grid"]),
-                       channels_last=bool(d["channels_last"]))
+                       channels_last=bool(d["channels_last"]),
+                       class_token=bool(d.get("class_token", True)))
         except (ValueError, TypeError, KeyError) as exc:
             raise DissectError(f"not a TokenGrid layout: {text!r:.80}") from exc
+
+
+def stored_layouts(store: Any, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``{layer: layout}`` of the layers of an :class:`~dissect.ActivationStore` read from
+    token outputs, as JSON-ready dicts (:meth:`TokenGrid.to_json`) with the grid the store's
+    maps have: what results record so a report can say a layer was read from tokens."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        layout = store.layout(name)
+        if layout is None:
+            continue
+        found = json.loads(layout.to_json())
+        if store[name].ndim == 4:
+            found["grid"] = [int(v) for v in store[name].shape[2:]]
+        out[name] = found
+    return out

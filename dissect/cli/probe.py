@@ -22,11 +22,12 @@ HELP = "linear probes per layer, with permuted-label controls"
 
 
 def _pool(text: str) -> str | None:
-    if text in ("mean", "max"):
+    if text in ("mean", "max", "cls"):
         return text
     if text == "none":
         return None
-    raise argparse.ArgumentTypeError("--pool takes mean, max or none (flatten)")
+    raise argparse.ArgumentTypeError(
+        "--pool takes mean, max, cls (a transformer layer's class token) or none (flatten)")
 
 
 def _reg(text: str) -> float | str:
@@ -73,7 +74,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=path, help="output folder")
     p.add_argument("--layers", type=names, default=None,
                    help="comma-separated layers (default: all)")
-    p.add_argument("--pool", type=_pool, default="mean", help="mean, max or none (mean)")
+    p.add_argument("--pool", type=_pool, default="mean",
+                   help="mean, max, cls (a transformer layer's class token) or none (mean)")
     p.add_argument("--seed", type=seed, default=0, help="split, control and projection seed (0)")
     p.add_argument("--test-size", type=_test_size, default=0.25,
                    help="held-out share or row count (0.25)")

@@ -82,7 +82,9 @@ def _timm_vit(model: nn.Module, rel: str) -> TokenGrid | None:
         return TokenGrid(prefix=0, grid=grid) if flat and not _under(rel, "patch_embed.proj") \
             else None
     if _under(rel, "blocks", "norm", "norm_pre", "pos_drop", "patch_drop"):
-        return TokenGrid(prefix=int(model.num_prefix_tokens), grid=grid)
+        has_cls = bool(getattr(model, "has_class_token", getattr(model, "cls_token", None)
+                               is not None))
+        return TokenGrid(prefix=int(model.num_prefix_tokens), grid=grid, class_token=has_cls)
     return None
 
 

@@ -10,7 +10,6 @@ so that every subset the fit needs is a leading or trailing range of rows.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -224,29 +223,15 @@ def class_token_width(store: ActivationStore, name: str) -> int:
     captured from token outputs (:meth:`ActivationStore.prefix`, ``(N, P, C)``).
     """
     layout = store.layout(name)
-    if layout is None or not layout.prefix:
+    if layout is None or not layout.prefix or not layout.class_token:
         read = "was not read from token outputs" if layout is None else \
-            f"was read from token outputs without prefix tokens ({layout})"
+            f"was read from token outputs without prefix tokens ({layout})" \
+            if not layout.prefix else f"has prefix tokens but no class token ({layout})"
         raise DissectError(
             f"pool='cls' reads the class token, but layer {name!r} of {store.path} has none: "
             f"it {read}. Probe it with pool='mean' (the mean over its patch tokens or its "
             "map), or choose the transformer layers that have a class token with layers=")
     return int(store.prefix(name).shape[2])
-
-
-def stored_layouts(store: ActivationStore, names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``{layer: layout}`` of the layers read from token outputs, as JSON-ready dicts
-    (:meth:`dissect.hooks.TokenGrid.to_json`) with the grid the store's maps have."""
-    out: dict[str, dict[str, Any]] = {}
-    for name in names:
-        layout = store.layout(name)
-        if layout is None:
-            continue
-        found = json.loads(layout.to_json())
-        if store[name].ndim == 4:
-            found["grid"] = [int(v) for v in store[name].shape[2:]]
-        out[name] = found
-    return out
 
 
 def _pooled_chunks(

@@ -16,6 +16,7 @@ import torch
 from .._plumbing.device import resolve_device
 from .._plumbing.progress import progress_bar
 from .._plumbing.store_layers import store_layers
+from .._plumbing.token_grid import stored_layouts
 from ..errors import DissectError
 from ..store import ActivationStore
 from ._data import (
@@ -24,7 +25,6 @@ from ._data import (
     make_blocks,
     plan_layer,
     resolve_labels,
-    stored_layouts,
     stratified_split,
 )
 from ._fit import BatchedSoftmax, FitInfo

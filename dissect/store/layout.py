@@ -353,7 +353,8 @@ def _check_tokens(f: h5py.File, name: str, acts: h5py.Dataset, path: Path) -> No
     except DissectError as exc:
         raise StoreError(f"{path}: /activations/{name} has a malformed 'tokens' attribute "
                          f"({exc}); {RECAPTURE}") from exc
-    if acts.ndim != 4:
+    pooled = json.loads(acts.attrs.get("pool", "null")) is not None
+    if acts.ndim != 4 and not (pooled and acts.ndim == 2):
         raise StoreError(f"{path}: /activations/{name} is {acts.shape} but its layout says "
                          f"maps (N, C, h, w); {RECAPTURE}")
     if grid.prefix:
