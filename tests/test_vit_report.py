@@ -110,7 +110,7 @@ def test_report_over_a_vit_dissection(vit_results):
                      r"7x7\)</span></td>", text)
     assert "class token (pool=&#x27;cls&#x27;)" in text
     assert ProbeResult.from_json(out / "probes.json").settings["tokens"] == {
-        BLOCK: {"prefix": 1, "grid": [7, 7], "channels_last": False}}
+        BLOCK: {"prefix": 1, "grid": [7, 7], "channels_last": False, "class_token": True}}
 
 
 def test_token_layouts_a_dissection_records_are_shown(vit_results, tmp_path):
