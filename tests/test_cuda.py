@@ -430,3 +430,32 @@ def test_attribution_of_a_model_on_cuda_stays_there_with_device_none():
     before = copy.deepcopy(model.state_dict())
     grad_cam(model, x, [0, 1], "3")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_vit_token_maps_on_cuda_equal_cpu(tmp_path):
+    """A ViT block captured on cuda is stored as the same (C, h, w) maps and class tokens as
+    on the CPU, and Grad-CAM over an inner block agrees (#24)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=112, patch_size=16, num_layers=2,
+                                               num_heads=2, hidden_dim=64,
+                                               mlp_dim=128).eval()
+    nn.init.normal_(vit.heads.head.weight)  # torchvision starts it at zero: a blank Grad-CAM
+    x = torch.randn(4, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+    block = "encoder.layers.encoder_layer_0"
+    stores = {}
+    for dev in ("cpu", CUDA):
+        model = copy.deepcopy(vit).to(dev)
+        stores[dev] = capture(model, x, [block], tmp_path / f"{dev}.h5", dtype="float32",
+                              progress=False)
+    with stores["cpu"] as cpu, stores[CUDA] as gpu:
+        assert gpu[block].shape == (4, 64, 7, 7) and gpu.layout(block) == cpu.layout(block)
+        np.testing.assert_allclose(gpu[block][:], cpu[block][:], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(gpu.prefix(block)[:], cpu.prefix(block)[:], rtol=1e-4,
+                                   atol=1e-5)
+    double = copy.deepcopy(vit).double()
+    maps = {dev: grad_cam(copy.deepcopy(double).to(dev), x.double(), 3, block,
+                          interpolation=None).cpu() for dev in ("cpu", CUDA)}
+    assert maps["cpu"].abs().amax() > 0
+    torch.testing.assert_close(maps[CUDA], maps["cpu"], rtol=1e-9, atol=1e-12)
