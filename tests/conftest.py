@@ -11,6 +11,31 @@ from torch import nn
 from torch.utils.data import Dataset
 
 
+def tiny_vit(seed: int = 0, image_size: int = 112) -> nn.Module:
+    """A tiny torchvision ViT (eval mode): 1 class token + (image_size / 16)^2 patches of 16 px,
+    64 hidden dims, 2 blocks (``encoder.layers.encoder_layer_0``/``_1``), GELU MLPs."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    return torchvision.models.VisionTransformer(
+        image_size=image_size, patch_size=16, num_layers=2, num_heads=2, hidden_dim=64,
+        mlp_dim=128).eval()
+
+
+def hooked(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
+    """``layer``'s raw first output for ``x`` by a hook of our own, under inference mode as
+    capture runs it (for a ViT block: ``(N, 1 + patches, C)`` tokens)."""
+    seen = []
+    handle = dict(model.named_modules())[layer].register_forward_hook(
+        lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o).detach().clone()))
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
 class TinyCNN(nn.Sequential):
     """conv -> in-place ReLU -> maxpool -> conv -> ReLU -> global pool -> linear (3 classes)."""
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import hooked, tiny_vit
 from torch import nn
 
 from dissect.datasets import SyntheticConcepts
@@ -19,27 +20,6 @@ from dissect.hooks import TokenGrid, Trace, capture, token_layout
 from dissect.netdissect import dissect
 
 BLOCK = "encoder.layers.encoder_layer_1"
-
-
-def tiny_vit(seed: int = 0, image_size: int = 112) -> nn.Module:
-    torch.manual_seed(seed)
-    return torchvision.models.VisionTransformer(
-        image_size=image_size, patch_size=16, num_layers=2, num_heads=2, hidden_dim=64,
-        mlp_dim=128).eval()
-
-
-def _hooked(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
-    """The module's raw first output, by a hook of our own (in inference mode, as capture)."""
-    seen = []
-    module = dict(model.named_modules())[layer]
-    handle = module.register_forward_hook(
-        lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o).detach().clone()))
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        handle.remove()
-    return seen[0]
 
 
 def _by_hand(tokens: torch.Tensor, prefix: int, h: int, w: int) -> np.ndarray:
@@ -112,7 +92,7 @@ def test_stored_vit_maps_equal_the_hooked_tokens_reshaped_by_hand(tmp_path):
     with capture(vit, x, layers, tmp_path / "v.h5", batch_size=2, dtype="float32",
                  progress=False) as store:
         for layer in layers[:2]:
-            raw = _hooked(vit, layer, x)  # (5, 50, 64): class token, then 7x7 patches
+            raw = hooked(vit, layer, x)  # (5, 50, 64): class token, then 7x7 patches
             assert store[layer].shape == (5, 64, 7, 7)
             np.testing.assert_array_equal(store[layer][:], _by_hand(raw, 1, 7, 7))
             np.testing.assert_array_equal(store.prefix(layer)[:], raw[:, :1].numpy())
@@ -279,11 +259,11 @@ def test_timm_vit_with_register_tokens_and_a_non_square_grid(tmp_path):
     x = torch.randn(3, 3, 112, 80)
     with capture(vit, x, ["blocks.1", "patch_embed"], tmp_path / "t.h5", dtype="float32",
                  progress=False) as store:
-        raw = _hooked(vit, "blocks.1", x)  # (3, 5 + 35, 192)
+        raw = hooked(vit, "blocks.1", x)  # (3, 5 + 35, 192)
         np.testing.assert_array_equal(store["blocks.1"][:], _by_hand(raw, 5, 7, 5))
         np.testing.assert_array_equal(store.prefix("blocks.1")[:], raw[:, :5].numpy())
         np.testing.assert_array_equal(store["patch_embed"][:],
-                                      _by_hand(_hooked(vit, "patch_embed", x), 0, 7, 5))
+                                      _by_hand(hooked(vit, "patch_embed", x), 0, 7, 5))
 
 
 def test_swin_nhwc_blocks_are_stored_channels_first(tmp_path):
@@ -303,7 +283,7 @@ def test_swin_nhwc_blocks_are_stored_channels_first(tmp_path):
         assert token_layout(model, conv) is None
         with capture(model, x, [layer], tmp_path / f"{type(model).__module__}.h5",
                      dtype="float32", progress=False) as store:
-            raw = _hooked(model, layer, x)  # (2, 8, 8, 32)
+            raw = hooked(model, layer, x)  # (2, 8, 8, 32)
             assert raw.ndim == 4 and raw.shape[-1] == 32
             np.testing.assert_array_equal(store[layer][:], raw.permute(0, 3, 1, 2).numpy())
 
@@ -411,7 +391,7 @@ def test_pooled_token_layers_open_and_keep_their_class_token(tmp_path):
     x = torch.randn(3, 3, 112, 112)
     with capture(vit, x, [BLOCK], tmp_path / "p.h5", pool="mean", dtype="float32",
                  progress=False) as store:
-        raw = _hooked(vit, BLOCK, x)
+        raw = hooked(vit, BLOCK, x)
         np.testing.assert_allclose(store[BLOCK][:], raw[:, 1:].mean(1).numpy(), rtol=1e-5,
                                    atol=1e-6)
         np.testing.assert_array_equal(store.prefix(BLOCK)[:], raw[:, :1].numpy())

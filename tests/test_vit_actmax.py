@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
+from conftest import tiny_vit
 from torch import nn
 
 from dissect import DissectError
@@ -29,10 +29,7 @@ SIDE = 7  # 112 / 16 patches per side
 @pytest.fixture(scope="module")
 def vit() -> nn.Module:
     """A tiny torchvision ViT: 1 class token + 7x7 patches of 16 px, 64 hidden dims, GELU."""
-    torch.manual_seed(0)
-    return torchvision.models.VisionTransformer(
-        image_size=112, patch_size=16, num_layers=2, num_heads=2, hidden_dim=64,
-        mlp_dim=128).eval()
+    return tiny_vit()
 
 
 @pytest.fixture(scope="module")

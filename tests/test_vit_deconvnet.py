@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-import torchvision
+from conftest import tiny_vit
 from torch import nn
 
 from dissect import DissectError, StoreError, capture
@@ -24,10 +24,7 @@ SIDE = 7
 
 @pytest.fixture(scope="module")
 def vit() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.VisionTransformer(
-        image_size=112, patch_size=16, num_layers=2, num_heads=2, hidden_dim=64,
-        mlp_dim=128).eval()
+    return tiny_vit()
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-import torchvision
-from torch import nn
+from conftest import hooked, tiny_vit
 
 from dissect import DissectError
 from dissect.hooks import TokenGrid, capture
@@ -100,26 +99,10 @@ def test_cls_without_a_class_token_is_a_clear_error(tmp_path):
         probe(plain, y, pool="token", progress=False)
 
 
-def _hooked_tokens(model: nn.Module, layer: str, x: torch.Tensor) -> np.ndarray:
-    """The module's raw tokens ``(N, 1 + 49, C)`` by a hook of our own, as capture runs it."""
-    seen = []
-    handle = dict(model.named_modules())[layer].register_forward_hook(
-        lambda m, i, o: seen.append(o.detach().clone()))
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        handle.remove()
-    return seen[0].numpy()
-
-
 def test_a_captured_vit_probes_its_hooked_class_token(tmp_path):
-    torch.manual_seed(0)
-    vit = torchvision.models.VisionTransformer(
-        image_size=112, patch_size=16, num_layers=2, num_heads=2, hidden_dim=64,
-        mlp_dim=128).eval()
+    vit = tiny_vit()
     x = torch.randn(60, 3, 112, 112, generator=torch.Generator().manual_seed(1))
-    tokens = _hooked_tokens(vit, BLOCK, x)
+    tokens = hooked(vit, BLOCK, x).numpy()
     y = (tokens[:, 0, 0] > np.median(tokens[:, 0, 0])).astype(np.int64)  # a class-token label
     with capture(vit, x, [BLOCK, "conv_proj"], tmp_path / "v.h5", batch_size=16,
                  dtype="float32", progress=False) as store:

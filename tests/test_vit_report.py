@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import torchvision
+from conftest import hooked, tiny_vit
 from test_report import parse
 
 from dissect._plumbing.images import rgb_uint8
@@ -30,25 +30,10 @@ LAYERS = [BLOCK, "conv_proj"]  # a token layer and a convolution of the same mod
 SIZE = 48
 
 
-def tiny_vit() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.VisionTransformer(
-        image_size=112, patch_size=16, num_layers=2, num_heads=2, hidden_dim=64,
-        mlp_dim=128).eval()
-
-
 def maps_by_hand(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     """BLOCK's (N, 64, 7, 7) maps from a hook of our own: class token dropped, patch (i, j)
     is token 1 + 7 * i + j."""
-    seen = []
-    handle = dict(model.named_modules())[BLOCK].register_forward_hook(
-        lambda m, i, o: seen.append(o.detach().clone()))
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        handle.remove()
-    tokens = seen[0].numpy()
+    tokens = hooked(model, BLOCK, x).numpy()
     out = np.zeros((len(x), tokens.shape[2], 7, 7), dtype=np.float32)
     for i in range(7):
         for j in range(7):
