@@ -37,11 +37,22 @@ Layout of this package
 - :mod:`.label_runs`: label rows cut into runs of one concept (the ``"torch"`` engine);
 - :mod:`.numba_engine`: the compiled one-pass-per-image counting kernel (the ``"numba"``
   engine, CPU);
-- :mod:`.result`: :class:`UnitResult` and :class:`DissectionResult`.
+- :mod:`.result`: :class:`UnitResult` and :class:`DissectionResult`;
+- :mod:`.explain`: :func:`explain`, compositional explanations (Mu & Andreas, NeurIPS 2020):
+  formulas of concepts (AND, OR, AND NOT) found by beam search with exact IoUs
+  (:mod:`.explain_counts`, :mod:`.explain_search`, :mod:`.explain_result`).
 """
 
+from .explain import explain
+from .explain_result import (
+    Explanation,
+    ExplanationResult,
+    load_explanations,
+    save_explanations,
+)
 from .result import DissectionResult, UnitResult
 from .run import dissect
 from .tally import ENGINES, IoUTally
 
-__all__ = ["ENGINES", "DissectionResult", "IoUTally", "UnitResult", "dissect"]
+__all__ = ["ENGINES", "DissectionResult", "Explanation", "ExplanationResult", "IoUTally",
+           "UnitResult", "dissect", "explain", "load_explanations", "save_explanations"]
