@@ -14,6 +14,8 @@ anything. Every part is optional; the report shows what is there:
 ``actmax/*.json``               :meth:`ActmaxResult.to_json <dissect.actmax.ActmaxResult.
                                 to_json>` (values reached; images drawn when no PNG is there)
 ``deconv/<layer>/unit_K.png``   deconvnet patches
+``explanations/<layer>.json``   ``dissect explain``: each unit's compositional explanation
+                                (:class:`~dissect.netdissect.ExplanationResult`), on its card
 ``probes.json``                 :meth:`ProbeResult.to_json <dissect.probes.ProbeResult.to_json>`
 ``attribution/attribution.json``  photographs and their attribution overlays
 ``layers/*.json``               ``dissect similarity``: CKA (:class:`~dissect.similarity.
@@ -38,7 +40,7 @@ from typing import Any
 
 from .._plumbing.deprecation import renamed_kwargs
 from .._plumbing.images import write_png
-from .._plumbing.paths import unit_image_path
+from .._plumbing.paths import safe_name, unit_image_path
 from .._plumbing.token_grid import TokenGrid
 from ..errors import DissectError
 from . import pages
@@ -113,6 +115,17 @@ def _load_probes(results: Path) -> Any:
     from ..probes import ProbeResult
 
     return ProbeResult.from_json(path)
+
+
+def _load_explanations(results: Path, layer: str) -> dict[int, Any]:
+    """``{unit: Explanation}`` from ``results/explanations/<layer>.json`` (``dissect explain``),
+    or nothing."""
+    from ..netdissect import load_explanations
+
+    path = results / "explanations" / f"{safe_name(layer)}.json"
+    if not path.exists():
+        return {}
+    return {e.unit: e for e in load_explanations(path)}
 
 
 def _token_layouts(found: Any, source: Path) -> dict[str, TokenGrid]:
@@ -260,7 +273,7 @@ def write_report(results: str | Path, out_dir: str | Path | None = None) -> Path
                                       report / "figures" / f"concepts-{pages.slug(layer)}.png")
             html = pages.layer_body(result, layer, _unit_images(results, report, layer, actmax),
                                     str(chart.relative_to(report)), deconv_caption,
-                                    tokens.get(layer))
+                                    tokens.get(layer), _load_explanations(results, layer))
             (report / pages.layer_page_name(layer)).write_text(
                 pages.page(f"{layer}: units", html, nav, script=True))
     if probes is not None:

@@ -102,8 +102,10 @@ def probe_table(probes: Any, tokens: dict[str, TokenGrid] | None = None) -> str:
 
 
 def unit_card(unit: Any, images: dict[str, str], color: str,
-              deconv_caption: str = "deconvnet patches") -> str:
-    """One unit's card: label, category, IoU, threshold, its images."""
+              deconv_caption: str = "deconvnet patches", formula: Any = None) -> str:
+    """One unit's card: label, category, IoU, threshold, its compositional explanation
+    (``formula``: an :class:`~dissect.netdissect.Explanation`, if one was computed), its
+    images."""
     det = "1" if unit.is_detector else "0"
     cls = "card detector" if unit.is_detector else "card"
     parts = [
@@ -114,6 +116,9 @@ def unit_card(unit: Any, images: dict[str, str], color: str,
         f'<div class="meta"><span class="chip">{esc(unit.category)}</span> IoU {unit.iou:.3f}'
         f" &middot; threshold {unit.threshold:.4g}</div>",
     ]
+    if formula is not None:
+        parts.append(f'<div class="meta formula">formula <b>{esc(formula.formula)}</b> IoU '
+                     f"{formula.iou:.3f}</div>")
     if "top" in images:
         parts.append(f'<img src="{esc(images["top"])}" loading="lazy" '
                      f'alt="top images of unit {unit.unit}">')
@@ -133,14 +138,18 @@ def unit_card(unit: Any, images: dict[str, str], color: str,
 
 def layer_body(result: Any, layer: str, images: dict[int, dict[str, str]], chart: str,
                deconv_caption: str = "deconvnet patches",
-               layout: TokenGrid | None = None) -> str:
+               layout: TokenGrid | None = None, formulas: dict[int, Any] | None = None,
+               ablation: str = "") -> str:
     """A layer page: the concept chart, the controls, the gallery of unit cards. ``layout``:
-    how the layer was read from token outputs, if it was (said above the gallery)."""
+    how the layer was read from token outputs, if it was (said above the gallery);
+    ``formulas``: each unit's compositional explanation, shown on its card; ``ablation``: the
+    HTML of the ablation section (:func:`ablation_section`), if any."""
+    formulas = formulas or {}
     colors = category_colors(result.categories)
     units = sorted(result.units(layer), key=lambda u: -u.iou)
     shown = [u for u in units if u.unit in images] or units
-    cards = "".join(unit_card(u, images.get(u.unit, {}), colors[u.category], deconv_caption)
-                    for u in shown)
+    cards = "".join(unit_card(u, images.get(u.unit, {}), colors[u.category], deconv_caption,
+                              formulas.get(u.unit)) for u in shown)
     options = "".join(f'<option value="{esc(c)}">{esc(c)}</option>' for c in result.categories)
     note = "" if len(shown) == len(units) else \
         f" Showing the {len(shown)} units with the highest IoU of {len(units)}."
@@ -168,7 +177,7 @@ def layer_body(result: Any, layer: str, images: dict[int, dict[str, str]], chart
         f"{result.iou_threshold}), threshold quantile {result.quantile}.{note}{read} Top "
         "images: the region where the unit's upsampled activation exceeds its threshold is "
         "outlined, the rest dimmed.</p>"
-        + figure(chart, f"detectors per concept in {layer}")
+        + figure(chart, f"detectors per concept in {layer}") + ablation
         + controls + f'<div id="gallery" class="gallery">{cards}</div>'
     )
 
