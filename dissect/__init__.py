@@ -9,7 +9,7 @@ Public API (re-exported names only; each lives in a module named for what it doe
 ``import dissect`` stays light: the analyses (and torchvision, OpenCV, matplotlib) load on first
 use of their names. Each also has its module: ``dissect.netdissect``, ``dissect.deconvnet``,
 ``dissect.actmax``, ``dissect.probes``, ``dissect.attribution``, ``dissect.similarity``,
-``dissect.geometry``, ``dissect.report``.
+``dissect.geometry``, ``dissect.ablation``, ``dissect.report``.
 """
 
 from importlib import import_module
@@ -49,6 +49,9 @@ _LAZY = {  # public name -> (module, attribute)
     "intrinsic_dimension_curve": ("geometry", "intrinsic_dimension_curve"),
     "distance_concentration_curve": ("geometry", "distance_concentration_curve"),
     "LayerCurve": ("geometry", "LayerCurve"),
+    "ablate": ("ablation", "ablate"),
+    "ablate_concept": ("ablation", "ablate_concept"),
+    "AblationResult": ("ablation", "AblationResult"),
 }
 
 __all__ = [

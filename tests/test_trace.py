@@ -185,3 +185,139 @@ def test_non_tensor_output_is_a_clear_error(images):
         with Trace(model, "0"):
             model(images)
     assert _hook_count(model) == 0
+
+
+# --------------------------------------------------------------------------- edit (#23)
+
+
+def _zero_channel(c):
+    def edit(name, m):
+        m = m.clone()
+        m[:, c] = 0
+        return m
+    return edit
+
+
+def test_edit_replaces_the_output_inside_the_forward(tiny, images):
+    with torch.no_grad(), Trace(tiny, "3", edit=_zero_channel(2)) as tr:
+        out = tiny(images)
+    with torch.no_grad():
+        h = tiny[3](tiny[2](torch.relu(tiny[0](images))))
+        h[:, 2] = 0
+        expected = tiny[7](tiny[6](tiny[5](torch.relu(h))))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert (tr.outputs["3"][:, 2] == 0).all()  # the edited output is what is recorded
+    assert _hook_count(tiny) == 0
+    with torch.no_grad(), Trace(tiny, ["0", "3"], edit={"3": lambda n, m: None}):
+        assert torch.equal(tiny(images), tiny(images))  # None leaves the output
+
+
+class TupleOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return {"pair": (y, x.mean()), "aux": y.sum()}
+
+
+class UsesTuple(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = TupleOut()
+
+    def forward(self, x):
+        out = self.block(x)
+        return out["pair"][0].mean(dim=(2, 3)) + out["pair"][1] + out["aux"]
+
+
+def test_edit_writes_back_into_dict_and_tuple_outputs(images):
+    model = UsesTuple().eval()
+    with torch.no_grad():
+        plain = model(images)
+        y = model.block.conv(images)
+        for select in (None, lambda out: out["pair"][0]):
+            with Trace(model, "block", edit=_zero_channel(1), select=select) as tr:
+                out = model(images)
+            assert (tr.outputs["block"][:, 1] == 0).all()
+            torch.testing.assert_close(out[:, 1], plain[:, 1] - y[:, 1].mean(dim=(1, 2)))
+            torch.testing.assert_close(out[:, 0], plain[:, 0])
+        with pytest.raises(DissectError, match="cannot write the edit"):
+            with Trace(model, "block", edit=lambda n, m: m + 1, select=lambda o: o["aux"] * 1):
+                model(images)
+    assert _hook_count(model) == 0
+
+
+def test_edit_of_a_vit_token_layer_changes_one_hidden_dim_of_the_patches():
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2,
+                                               num_heads=2, hidden_dim=16, mlp_dim=32).eval()
+    layer = "encoder.layers.encoder_layer_0"
+    module = dict(vit.named_modules())[layer]
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+    with torch.no_grad():
+        with Trace(vit, layer) as tr0:
+            vit(x)
+        with Trace(vit, layer, edit=_zero_channel(5)) as tr:
+            handle = module.register_forward_hook(lambda m, i, o: seen.append(o))
+            try:
+                vit(x)
+            finally:
+                handle.remove()
+    tokens = seen[0]  # what the next block received: (B, 1 + 16, 16)
+    with torch.no_grad(), Trace(vit, layer, tokens=None) as raw:
+        vit(x)
+    before = raw.outputs[layer]
+    changed = (tokens != before)
+    assert changed[:, 1:, 5].all() and not changed[:, 1:, :5].any()
+    assert not changed[:, 1:, 6:].any() and not changed[:, 0].any()  # class token kept
+    assert (tr.outputs[layer][:, 5] == 0).all() and tr.outputs[layer].shape == (2, 16, 4, 4)
+    torch.testing.assert_close(tr.prefix[layer], tr0.prefix[layer])
+    assert _hook_count(vit) == 0
+
+
+def test_token_grid_to_tokens_inverts_to_map():
+    from dissect.hooks import TokenGrid
+
+    raw = torch.randn(2, 1 + 6, 5)
+    grid = TokenGrid(prefix=1, grid=(2, 3))
+    m = grid.to_map(raw)
+    assert torch.equal(grid.to_tokens(m, raw), raw)
+    edited = m + 1
+    back = grid.to_tokens(edited, raw)
+    assert torch.equal(grid.to_map(back), edited) and torch.equal(back[:, :1], raw[:, :1])
+    nhwc = torch.randn(2, 3, 4, 5)
+    assert torch.equal(TokenGrid.nhwc().to_tokens(TokenGrid.nhwc().to_map(nhwc), nhwc), nhwc)
+    with pytest.raises(DissectError, match="cannot replace"):
+        grid.to_tokens(torch.zeros(2, 5, 3, 2), raw)
+
+
+def test_edit_errors_leave_no_hooks(tiny, images):
+    with pytest.raises(DissectError, match="shape"):
+        with torch.no_grad(), Trace(tiny, "3", edit=lambda n, m: m[:, :2]):
+            tiny(images)
+    assert _hook_count(tiny) == 0
+    with pytest.raises(RuntimeError, match="inside"):
+        with torch.no_grad(), Trace(tiny, "3", edit=_zero_channel(0)):
+            tiny(images)
+            raise RuntimeError("inside")
+    assert _hook_count(tiny) == 0
+    with pytest.raises(DissectError, match="not traced"):
+        Trace(tiny, "3", edit={"0": _zero_channel(0)})
+    with pytest.raises(DissectError, match="function"):
+        Trace(tiny, "3", edit={"3": 5})
+
+
+def test_edit_applies_to_every_call(images):
+    model = ReusedReLU().eval()
+    calls = []
+
+    def edit(name, m):
+        calls.append(m.shape)
+        return torch.zeros_like(m)
+
+    with torch.no_grad(), Trace(model, "relu", edit=edit) as tr:
+        out = model(images)
+    assert len(calls) == 2 and tr.calls["relu"] == 2 and (out == 0).all()

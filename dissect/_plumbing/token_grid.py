@@ -123,6 +123,37 @@ class TokenGrid:
         h, w = self.shape_of(t.shape[1], layer)
         return t[:, self.prefix:].transpose(1, 2).unflatten(2, (h, w))
 
+    def to_tokens(self, map_: torch.Tensor, raw: torch.Tensor, layer: str = "") -> torch.Tensor:
+        """The inverse of :meth:`to_map`: the output ``raw`` with its patches replaced by
+        ``map_``.
+
+        Parameters
+        ----------
+        map_
+            ``(B, C, h, w)``: a map of the shape :meth:`to_map` gives for ``raw`` (typically an
+            edited copy of it).
+        raw
+            The output the map was read from: ``(B, N, C)`` tokens, or ``(B, H, W, C)`` when
+            ``channels_last``. Its prefix tokens are kept as they are.
+        layer
+            The layer name, for messages.
+
+        Returns
+        -------
+        torch.Tensor
+            A new tensor shaped like ``raw`` (differentiable with respect to both inputs):
+            ``to_map(to_tokens(m, raw))`` equals ``m``, and its prefix tokens equal ``raw``'s.
+        """
+        expected = tuple(self.to_map(raw, layer).shape)
+        if tuple(map_.shape) != expected:
+            where = f"layer {layer!r}: " if layer else ""
+            raise DissectError(f"{where}a map of shape {tuple(map_.shape)} cannot replace the "
+                               f"patches of an output read as {expected}")
+        if self.channels_last:
+            return map_.permute(0, 2, 3, 1).to(raw.dtype)
+        patches = map_.flatten(2).transpose(1, 2).to(raw.dtype)
+        return torch.cat([raw[:, : self.prefix], patches], dim=1)
+
     def prefix_tokens(self, t: torch.Tensor) -> torch.Tensor:
         """The prefix tokens of a ``(B, N, C)`` output, ``(B, prefix, C)``."""
         return t[:, : self.prefix]

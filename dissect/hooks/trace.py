@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -17,9 +19,12 @@ from .outputs import sequence_first
 from .select import Selector, first_tensor, select_output, selector_for
 from .tokens import TokenGrid, TokensSpec, resolve_tokens, to_map
 
-__all__ = ["Trace", "StopForward", "first_tensor"]
+__all__ = ["Trace", "StopForward", "first_tensor", "EditFn"]
 
 log = logging.getLogger(__name__)
+
+#: An edit of a layer's output: ``fn(name, output_map) -> replacement`` (or ``None``: keep it).
+EditFn = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 
 
 class StopForward(Exception):
@@ -32,6 +37,42 @@ class StopForward(Exception):
 
 def _clone(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().clone()
+
+
+def _swap(output: Any, old: torch.Tensor, new: torch.Tensor, depth: int = 0
+          ) -> tuple[Any, bool]:
+    """``output`` with the tensor ``old`` (found by identity, where :func:`first_tensor` and
+    the selectors look: mapping values, tuple and list items, dataclass fields) replaced by
+    ``new``; containers are copied, never changed in place. Also whether ``old`` was found."""
+    if output is old:
+        return new, True
+    if depth > 4:
+        return output, False
+    if isinstance(output, Mapping):
+        for key, value in output.items():
+            swapped, found = _swap(value, old, new, depth + 1)
+            if found:
+                out = copy.copy(output)
+                out[key] = swapped
+                return out, True
+    elif isinstance(output, (tuple, list)):
+        for i, value in enumerate(output):
+            swapped, found = _swap(value, old, new, depth + 1)
+            if found:
+                items = list(output)
+                items[i] = swapped
+                if isinstance(output, list):
+                    return items, True
+                return (type(output)(*items) if hasattr(output, "_fields")
+                        else type(output)(items)), True
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        for f in dataclasses.fields(output):
+            swapped, found = _swap(getattr(output, f.name), old, new, depth + 1)
+            if found:
+                out = copy.copy(output)
+                object.__setattr__(out, f.name, swapped)  # frozen dataclasses too
+                return out, True
+    return output, False
 
 
 class Trace:
@@ -74,14 +115,30 @@ class Trace:
         Which tensor of a module returning several is the layer's output
         (:mod:`dissect.hooks.select`): ``None`` (default) the first tensor, an index, a key or a
         callable, for every layer or as ``{layer: selector}``.
+    edit
+        Replace layers' outputs inside the forward pass (ablation, patching): one function
+        ``fn(name, output_map) -> replacement`` for every traced layer, or ``{layer: fn}`` for
+        some of them (each must be a traced layer). ``fn`` receives the output as the trace
+        sees it (the map of a token layer, the selected tensor of a tuple or dict output) and
+        returns a tensor of the same shape, or ``None`` to leave the output as it is. The
+        replacement is written back where it came from: into the tuple, dict or dataclass
+        the module returned (copied, not changed in place), and into the tokens of a token
+        layer (the patch tokens are replaced, the prefix tokens such as the class token are
+        kept: :meth:`TokenGrid.to_tokens <dissect.hooks.TokenGrid.to_tokens>`); the rest of
+        the network then computes with it. What the trace records (``outputs``, ``grads``,
+        ``prefix``) is the edited output. ``fn`` may change the map in place (it is the live
+        output, or a view of it) but should rather return a new tensor: a module such as
+        ``nn.Identity`` returns its input, which other code may still use. The edit is
+        removed with the other hooks when the block ends, also when it raises.
 
     Notes
     -----
     **A module called more than once in one forward** (torchvision's ``BasicBlock`` calls its
     ``relu`` twice): the *first* call is recorded, later calls are ignored and counted in
-    ``tr.calls[name]``. This keeps ``stop=True`` well defined (the trace is finished when every
-    layer has run once) and keeps the one value that is not also the output of another module
-    (the second ``relu`` of a ``BasicBlock`` *is* the block's output). To see a later call, trace
+    ``tr.calls[name]`` (an ``edit`` applies to every call). This keeps ``stop=True`` well
+    defined (the trace is finished when every layer has run once) and keeps the one value that
+    is not also the output of another module (the second ``relu`` of a ``BasicBlock`` *is* the
+    block's output). To see a later call, trace
     the enclosing module.
 
     Examples
@@ -89,6 +146,15 @@ class Trace:
     >>> with Trace(model, ["layer3", "layer4"], grads=True) as tr:   # doctest: +SKIP
     ...     model(x)[:, 281].sum().backward()
     >>> tr.outputs["layer4"].shape, tr.grads["layer4"].shape         # doctest: +SKIP
+
+    Zero channel 7 of ``layer3`` and see what the model says then:
+
+    >>> def zero7(name, x):                                            # doctest: +SKIP
+    ...     x = x.clone()
+    ...     x[:, 7] = 0
+    ...     return x
+    >>> with torch.no_grad(), Trace(model, "layer3", edit=zero7):      # doctest: +SKIP
+    ...     ablated = model(x)
     """
 
     @renamed_kwargs(transform="record")
@@ -102,6 +168,7 @@ class Trace:
         record: Callable[[str, torch.Tensor], Any] | None = None,
         tokens: TokensSpec = "auto",
         select: Selector | dict[str, Selector] | None = None,
+        edit: EditFn | Mapping[str, EditFn] | None = None,
     ) -> None:
         if grads and stop:
             raise DissectError(
@@ -117,6 +184,7 @@ class Trace:
             for key in select:
                 resolve_layers(model, key)
         self._select = select
+        self._edit = self._edits(edit)
         found = resolve_tokens(model, self.layers, tokens)
         self._layouts = found
         #: each layer's layout: its TokenGrid, or None for outputs kept as they are
@@ -127,6 +195,24 @@ class Trace:
         self.grads: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
         self._handles: list[Any] = []
+
+    def _edits(self, edit: EditFn | Mapping[str, EditFn] | None) -> dict[str, EditFn]:
+        if edit is None:
+            return {}
+        if isinstance(edit, Mapping):
+            names = resolve_layers(self.model, list(edit))
+            missing = [n for n in names if n not in self.layers]
+            if missing:
+                raise DissectError(f"edit= names {missing}, which are not traced layers "
+                                   f"({self.layers}): trace every layer you edit")
+            fns = dict(edit)
+        else:
+            fns = {name: edit for name in self.layers}
+        for name, fn in fns.items():
+            if not callable(fn):
+                raise DissectError(f"edit for layer {name!r} must be a function "
+                                   f"(name, output) -> output, got {type(fn).__name__}")
+        return fns
 
     def __enter__(self) -> Trace:
         self.outputs, self.grads, self.prefix = {}, {}, {}
@@ -150,16 +236,23 @@ class Trace:
         while self._handles:
             self._handles.pop().remove()
 
-    def _forward_hook(self, name: str, module: nn.Module, inputs: Any, output: Any) -> None:
+    def _forward_hook(self, name: str, module: nn.Module, inputs: Any, output: Any) -> Any:
         self.calls[name] += 1
-        if self.calls[name] > 1:
+        first = self.calls[name] == 1
+        if not first and name not in self._edit:
             if self.calls[name] == 2:
                 log.debug("layer %r ran more than once; keeping its first output", name)
-            return
+            return None
         raw = select_output(output, name, selector_for(self._select, name))
         layout = self._layouts[name]
         seq_first = isinstance(layout, TokenGrid) and sequence_first(module)
         tensor = to_map(name, module, raw, layout, seq_first)
+        replaced = None
+        if name in self._edit:
+            replaced, raw, tensor = self._apply_edit(name, module, output, raw, tensor,
+                                                     layout, seq_first)
+        if not first:
+            return replaced
         if isinstance(layout, TokenGrid) and layout.prefix:
             rows = raw.transpose(0, 1) if seq_first else raw
             self.prefix[name] = layout.prefix_tokens(rows).detach().clone()
@@ -177,6 +270,35 @@ class Trace:
             raw.register_hook(partial(self._grad_hook, name, convert))
         if self.stop and len(self.outputs) == len(self.layers):
             raise StopForward()
+        return replaced
+
+    def _apply_edit(self, name: str, module: nn.Module, output: Any, raw: torch.Tensor,
+                    tensor: torch.Tensor, layout: Any, seq_first: bool
+                    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """Run layer ``name``'s edit: the new module output (``None``: unchanged), the new
+        selected tensor and its map."""
+        new = self._edit[name](name, tensor)
+        if new is None:
+            return None, raw, tensor
+        if not isinstance(new, torch.Tensor) or new.shape != tensor.shape:
+            got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+            raise DissectError(f"the edit of layer {name!r} returned {got}; it must return a "
+                               f"tensor of the output's shape {tuple(tensor.shape)} (or None)")
+        new = new.to(device=raw.device, dtype=raw.dtype)
+        if isinstance(layout, TokenGrid):
+            rows = raw.transpose(0, 1) if seq_first else raw
+            new_raw = layout.to_tokens(new, rows, name)
+            if seq_first:
+                new_raw = new_raw.transpose(0, 1)
+        else:
+            new_raw = new
+        replaced, found = _swap(output, raw, new_raw)
+        if not found:
+            raise DissectError(
+                f"cannot write the edit of layer {name!r} back: the tensor select= picks is not "
+                f"an element of the {type(output).__name__} the module returned (a select= "
+                "callable that computes a new tensor?); select it by index or key instead")
+        return replaced, new_raw, to_map(name, module, new_raw, layout, seq_first)
 
     def _grad_hook(self, name: str, convert: Callable, grad: torch.Tensor) -> None:
         grad = convert(grad)
