@@ -21,8 +21,8 @@ from ..errors import DissectError
 from ._common import one_line, os_error_message
 
 COMMANDS = (
-    "layers", "capture", "netdissect", "explain", "probe", "similarity", "attribute", "deconv",
-    "actmax", "invert", "report", "demo",
+    "layers", "capture", "netdissect", "explain", "ablate", "probe", "similarity", "attribute",
+    "deconv", "actmax", "invert", "report", "demo",
 )
 
 EPILOG = """examples:
@@ -34,6 +34,8 @@ EPILOG = """examples:
   dissect netdissect torchvision:resnet18 --weights r18.pth --dataset broden:broden1_224 \\
       --layers layer3,layer4 --out r18-dissect --device cuda
   dissect explain r18-dissect/activations.h5 --layers layer4   # formulas: (red AND circle)
+  dissect ablate torchvision:resnet18 --weights r18.pth --data ./images --layer layer4 \
+      --out r18-dissect                                     # per-class drop of each unit
   dissect probe acts.h5 --labels targets --out probes      # or --labels labels.npy
   dissect similarity acts.h5 --out results                 # CKA, intrinsic dimension, PCA
   dissect attribute mobilenet_v2-imagenet --image samples --method ig --out maps

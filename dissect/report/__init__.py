@@ -16,6 +16,8 @@ anything. Every part is optional; the report shows what is there:
 ``deconv/<layer>/unit_K.png``   deconvnet patches
 ``explanations/<layer>.json``   ``dissect explain``: each unit's compositional explanation
                                 (:class:`~dissect.netdissect.ExplanationResult`), on its card
+``ablation/*.json``             ``dissect ablate``: :class:`~dissect.ablation.AblationResult`
+                                per layer, the top detectors' effect on its page
 ``probes.json``                 :meth:`ProbeResult.to_json <dissect.probes.ProbeResult.to_json>`
 ``attribution/attribution.json``  photographs and their attribution overlays
 ``layers/*.json``               ``dissect similarity``: CKA (:class:`~dissect.similarity.
@@ -126,6 +128,20 @@ def _load_explanations(results: Path, layer: str) -> dict[int, Any]:
     if not path.exists():
         return {}
     return {e.unit: e for e in load_explanations(path)}
+
+
+def _load_ablation(results: Path, layer: str) -> tuple[Any, list[Any]]:
+    """The ablation results of ``layer`` in ``results/ablation/`` (``dissect ablate``): the
+    one-row-per-unit result (or None) and the sets removed at once."""
+    from ..ablation import AblationResult
+
+    folder = results / "ablation"
+    if not folder.is_dir():
+        return None, []
+    found = [AblationResult.from_json(p) for p in sorted(folder.glob("*.json"))]
+    mine = [r for r in found if r.layer == layer]
+    each = next((r for r in mine if r.removal == "each"), None)
+    return each, [r for r in mine if r.removal != "each"]
 
 
 def _token_layouts(found: Any, source: Path) -> dict[str, TokenGrid]:
@@ -273,7 +289,9 @@ def write_report(results: str | Path, out_dir: str | Path | None = None) -> Path
                                       report / "figures" / f"concepts-{pages.slug(layer)}.png")
             html = pages.layer_body(result, layer, _unit_images(results, report, layer, actmax),
                                     str(chart.relative_to(report)), deconv_caption,
-                                    tokens.get(layer), _load_explanations(results, layer))
+                                    tokens.get(layer), _load_explanations(results, layer),
+                                    pages.ablation_section(result, layer,
+                                                           *_load_ablation(results, layer)))
             (report / pages.layer_page_name(layer)).write_text(
                 pages.page(f"{layer}: units", html, nav, script=True))
     if probes is not None:

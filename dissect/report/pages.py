@@ -7,6 +7,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
+
 from .._plumbing.paths import safe_name
 from .._plumbing.token_grid import TokenGrid
 from .figures import category_colors
@@ -133,6 +135,45 @@ def unit_card(unit: Any, images: dict[str, str], color: str,
             f'{unit.unit}"><figcaption>{esc(t)}</figcaption></figure>' for k, t in extra)
             + "</div>")
     parts.append("</article>")
+    return "".join(parts)
+
+
+def ablation_section(result: Any, layer: str, each: Any, sets: Sequence[Any] = (),
+                     rows: int = 12, k: int = 3) -> str:
+    """The layer page's ablation section: for the layer's top detectors that were ablated
+    (``each``: an :class:`~dissect.ablation.AblationResult` with one row per unit, or None),
+    the mean drop over classes and the classes that lose most; then one line per set removed
+    at once (``sets``: ``removal="set"`` or ``"keep"`` results)."""
+    parts = []
+    if each is not None:
+        done = set(each.units)
+        detectors = sorted((u for u in result.units(layer) if u.is_detector and u.unit in done),
+                           key=lambda u: -u.iou)[:rows]
+        body = []
+        for u in detectors:
+            drop = each.drop[each.row(u.unit)]
+            mean = float(np.nanmean(drop)) if np.isfinite(drop).any() else float("nan")
+            top = ", ".join(f"{c} ({drop[list(each.classes).index(c)]:+.3f})"
+                            for c in each.top(u.unit, k))
+            body.append([str(u.unit), u.concept, f"{u.iou:.3f}", f"{mean:+.4f}", top])
+        what = (f"removing each unit ({each.mode}) and measuring {each.metric} per class over "
+                f"{len(each.classes)} classes")
+        parts.append(f"<h2>Ablation</h2><p class=\"meta\">The top detectors' effect: "
+                     f"{esc(what)}; drop = baseline - ablated (positive: the class lost).</p>")
+        parts.append(table(["unit", "concept", "IoU", "mean drop", "classes that lose most"],
+                           body) if body else
+                     '<p class="meta">No detector of this layer was ablated.</p>')
+    for r in sets:
+        drop = r.drop[0]
+        mean = float(np.nanmean(drop)) if np.isfinite(drop).any() else float("nan")
+        name = r.settings.get("concept")
+        what = (f"every detector of {name!r}" if name else
+                f"all but {len(r.units)} units" if r.removal == "keep" else
+                f"{len(r.units)} units at once")
+        top = ", ".join(str(c) for c in r.top(None, k))
+        parts.append(f'<p class="meta">Removing {esc(what)} (units {esc(r.units[:12])}'
+                     f"{' ...' if len(r.units) > 12 else ''}): mean {esc(r.metric)} drop "
+                     f"{mean:+.4f}; classes that lose most: {esc(top)}.</p>")
     return "".join(parts)
 
 
