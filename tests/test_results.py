@@ -19,6 +19,7 @@ import torch
 from dissect import DissectError
 from dissect._plumbing.arrays import encode_array
 from dissect._plumbing.paths import safe_name, unit_image_path
+from dissect.ablation import AblationResult
 from dissect.actmax import (
     ActmaxResult,
     channel,
@@ -29,7 +30,7 @@ from dissect.actmax import (
 )
 from dissect.datasets import Concept
 from dissect.deconvnet import Patch, ReceptiveField, TopPatches
-from dissect.netdissect import DissectionResult
+from dissect.netdissect import DissectionResult, Explanation, ExplanationResult
 from dissect.probes import LayerProbe, ProbeResult, probe
 from dissect.report import write_report
 from dissect.store import ActivationStore, StoreWriter, create_store
@@ -132,6 +133,39 @@ def make_actmax() -> ActmaxResult:
                         {"size": 6, "steps": 3, "seed": 0, "transforms": None})
 
 
+def make_ablation() -> AblationResult:
+    return AblationResult("layer3", [4, 0, 9], [0, 2, 5], [3, 1, 0],
+                          [0.75, 1.0, float("nan")],
+                          [[0.5, 1.0, float("nan")], [0.75, 0.0, float("nan")],
+                           [0.1 + 0.2, 1.0, float("nan")]],
+                          metric="accuracy", mode="mean", means=[0.5, -0.0, 1e-41, 2.0],
+                          settings={"samples": 4, "targets": "given"})
+
+
+def make_explanations() -> ExplanationResult:
+    rows = [Explanation(3, "((red AND circle) OR blue)", 0.1 + 0.2, "features.3",
+                        ("red", "circle", "blue"), ("AND", "OR"), ("color", "object", "color"),
+                        (3, 12, 5), 30, 100, "red", "color", 0.125, 1.5),
+            Explanation(0, "c 1", 0.0, "features.3", ("c 1",), (), ("color",), (7,), 0, 0,
+                        "c 1", "color", 0.0, float("inf"))]
+    return ExplanationResult(rows, "features.3", {"length": 3, "beam": 5})
+
+
+def assert_same_ablation(a: AblationResult, b: AblationResult) -> None:
+    assert (a.layer, a.units, a.metric, a.mode, a.removal, a.settings) == \
+        (b.layer, b.units, b.metric, b.mode, b.removal, b.settings)
+    for name in ("classes", "counts", "baseline", "ablated", "means"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.shape == y.shape and _bits(x) == _bits(y), name
+
+
+def assert_same_explanations(a: ExplanationResult, b: ExplanationResult) -> None:
+    assert (a.layer, a.meta) == (b.layer, b.meta) and len(a) == len(b)
+    for ra, rb in zip(a, b, strict=True):
+        for f in fields(Explanation):
+            assert _float_eq(getattr(ra, f.name), getattr(rb, f.name)), (ra.unit, f.name)
+
+
 def assert_same_dissection(a: DissectionResult, b: DissectionResult) -> None:
     assert a.layers == b.layers and a.categories == b.categories
     assert a.concepts == b.concepts and all(isinstance(c, Concept) for c in b.concepts)
@@ -185,6 +219,10 @@ KINDS = {
                 ["layer1.0", "unit    6", "unit    2"]),
     "actmax": (ActmaxResult, make_actmax, "actmax.json", assert_same_actmax,
                ["features.3:1", "features.3:0", "mix"]),
+    "ablation": (AblationResult, make_ablation, "ablation.json", assert_same_ablation,
+                 ["layer3", "unit 4", "unit 9"]),
+    "explanations": (ExplanationResult, make_explanations, "explanations.json",
+                     assert_same_explanations, ["features.3", "((red AND circle) OR blue)"]),
 }
 
 
@@ -271,6 +309,8 @@ REQUIRED = {
     "patches": ["layer", "method", "units", "receptive_field", "patches", "images",
                 "projections"],
     "actmax": ["kind", "objectives", "units", "values", "images"],
+    "ablation": ["layer", "units", "classes", "baseline", "ablated"],
+    "explanations": ["layer", "explanations"],
 }
 
 WRONG = [None, 0, 7, -1.5, "x", "", [], [None], [1, 2], ["a"], [[1]], [{}], {}, {"a": 1},

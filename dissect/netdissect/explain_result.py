@@ -159,7 +159,9 @@ class ExplanationResult(list):
         data = read_json(path, FORMAT, VERSION, "compositional explanation result")
         try:
             rows = [_row(dict(r)) for r in data["explanations"]]
-            return cls(rows, str(data.get("layer", "")), dict(data.get("meta") or {}))
+            if not isinstance(data["layer"], str) or not isinstance(data.get("meta", {}), dict):
+                raise ValueError("'layer' must be a string and 'meta' an object")
+            return cls(rows, data["layer"], dict(data.get("meta") or {}))
         except (KeyError, TypeError, ValueError, DissectError) as exc:
             raise DissectError(f"{path} is a damaged explanation result: {exc}") from exc
 
