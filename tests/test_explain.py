@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_netdissect import TinyConcepts as Concepts
 
 from dissect import DissectError
 from dissect.datasets import Concept, SyntheticConcepts
@@ -29,38 +30,11 @@ from dissect.netdissect.run import _thresholds
 from dissect.store import ActivationStore, StoreWriter, create_store
 
 
-class TinyConcepts:
+def TinyConcepts(n: int, seg: tuple[int, int], seed: int = 0) -> Concepts:  # noqa: N802
     """Random labels in two pixel categories (color: one plane; part: two planes, unannotated
     on some images) and an image-level scene category (unannotated on some images)."""
-
-    categories = ["color", "part", "scene"]
-    concepts = [Concept(1, "red", "color"), Concept(2, "blue", "color"),
-                Concept(3, "edge", "part"), Concept(4, "rim", "part"),
-                Concept(5, "beach", "scene"), Concept(7, "forest", "scene")]
-
-    def __init__(self, n: int, seg: tuple[int, int], seed: int = 0) -> None:
-        rng = np.random.default_rng(seed)
-        self.n = n
-        self.annotated = rng.random((n, 3)) < [1.0, 0.6, 0.7]
-        self.pixel = np.zeros((n, 3, *seg), dtype=np.int64)
-        self.pixel[:, 0] = rng.choice([0, 1, 2], size=(n, *seg), p=[0.4, 0.35, 0.25])
-        part = rng.choice([0, 3, 4], size=(n, 2, *seg), p=[0.5, 0.3, 0.2])
-        self.pixel[:, 1:] = part * self.annotated[:, 1, None, None, None]
-        scene = self.annotated[:, 2]
-        self.image = [np.array([rng.choice([5, 7])] if a else [], dtype=np.int64) for a in scene]
-        self.transform = None
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        return {
-            "image": torch.zeros(3, 4, 4),
-            "pixel_labels": torch.from_numpy(self.pixel[i]),
-            "image_labels": torch.from_numpy(self.image[i]),
-            "annotated": torch.from_numpy(self.annotated[i]),
-            "index": i,
-        }
+    return Concepts(n, seg, seed, annotated=(1.0, 0.6, 0.7), color=(0.4, 0.35, 0.25),
+                    part=(0.5, 0.3, 0.2))
 
 
 def _store(path, acts: np.ndarray) -> ActivationStore:

@@ -26,13 +26,18 @@ class TinyConcepts:
                 Concept(3, "edge", "part"), Concept(4, "rim", "part"),
                 Concept(5, "beach", "scene"), Concept(7, "forest", "scene")]
 
-    def __init__(self, n: int, seg: tuple[int, int], seed: int = 0) -> None:
+    def __init__(self, n: int, seg: tuple[int, int], seed: int = 0, *,
+                 annotated: tuple[float, ...] = (1.0, 0.5, 0.6),
+                 color: tuple[float, ...] = (0.5, 0.3, 0.2),
+                 part: tuple[float, ...] = (0.6, 0.2, 0.2)) -> None:
+        """``annotated``: the chance each category is annotated on an image; ``color``,
+        ``part``: the chances of no label and of each of the category's two concepts."""
         rng = np.random.default_rng(seed)
         self.n = n
-        self.annotated = rng.random((n, 3)) < [1.0, 0.5, 0.6]
+        self.annotated = rng.random((n, 3)) < list(annotated)
         self.pixel = np.zeros((n, 3, *seg), dtype=np.int64)
-        self.pixel[:, 0] = rng.choice([0, 1, 2], size=(n, *seg), p=[0.5, 0.3, 0.2])
-        part = rng.choice([0, 3, 4], size=(n, 2, *seg), p=[0.6, 0.2, 0.2])
+        self.pixel[:, 0] = rng.choice([0, 1, 2], size=(n, *seg), p=list(color))
+        part = rng.choice([0, 3, 4], size=(n, 2, *seg), p=list(part))
         self.pixel[:, 1:] = part * self.annotated[:, 1, None, None, None]
         scene = self.annotated[:, 2]
         self.image = [np.array([rng.choice([5, 7])] if a else [], dtype=np.int64) for a in scene]
