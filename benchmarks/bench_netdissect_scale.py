@@ -26,8 +26,8 @@ before each call (when the kernel refuses the reset, the child's ``ru_maxrss``, 
 its whole life, is used instead); the table shows the peak and ``+``, how far it rose above
 the RSS the step began with (the child starts at about 0.7 GB: torch, numba, h5py). To say
 where memory grows with N, the child then runs two of ``dissect()``'s steps again by hand,
-each with its own peak: the thresholds (``exact_quantiles`` over the store, as
-``_dissect_store`` calls it) and the top-images step (``stats.top_rows`` over
+each with its own peak: the thresholds (``_dissect_store``'s ``_thresholds``:
+``exact_quantiles`` over the store) and the top-images step (``stats.top_rows`` over
 ``store.maxima`` read in chunks, as ``_dissect_store`` does it); their results must equal
 ``dissect()``'s. An N that takes longer than ``--timeout`` seconds (default 1200; 300 with
 ``--quick``) is killed and it and the larger Ns are left out of the report.
@@ -168,7 +168,14 @@ def write_store(path: Path, n: int) -> float:
 
 
 def by_hand_thresholds(store: ActivationStore) -> np.ndarray:
-    """The threshold step of ``_dissect_store``, as it calls ``exact_quantiles``."""
+    """The threshold step of ``_dissect_store``: its ``_thresholds`` (``exact_quantiles`` over
+    the store's blocks) when it has one, else ``exact_quantiles`` over blocks read here."""
+    from dissect.netdissect import run as netdissect_run
+
+    if hasattr(netdissect_run, "_thresholds"):
+        found = netdissect_run._thresholds(store, [LAYER], range(len(store)), QUANTILE,
+                                           torch.device("cpu"), None)
+        return found[0][LAYER]
     ds = store[LAYER]
     n, units, h, w = ds.shape
     read = min(len(store), max(1, (1 << 24) // max(1, units * h * w)))

@@ -32,6 +32,14 @@ class Collective(Protocol):
 class TopK:
     """The ``k`` largest values seen so far in each of ``rows`` independent streams.
 
+    The values live, negated, in one ``(rows, k + max(k // 4, 1024))`` buffer: new values are
+    copied into its free columns and, once it is full, each row is partitioned in place so
+    that its ``k`` largest values come first. On the CPU (float16/32/64) numpy partitions in
+    place and filters the batches through one reused scratch block: no index tensor, no
+    concatenated copy, no allocation per batch; elsewhere ``torch.topk`` does it. Memory: the
+    buffer plus about 1M values. Non-finite values are not expected (:func:`exact_quantiles`
+    replaces them by ``-inf`` first): where a NaN ranks is unspecified.
+
     Parameters
     ----------
     rows
@@ -44,106 +52,135 @@ class TopK:
         Dtype of the kept values.
     """
 
-    def __init__(
-        self,
-        rows: int,
-        k: int,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
+    def __init__(self, rows: int, k: int, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
         if k < 1:
             raise DissectError(f"TopK needs k >= 1, got {k}")
-        self.rows, self.k = rows, k
-        self.values = torch.empty(rows, 0, device=device, dtype=dtype)
-        self._pending: list[torch.Tensor] = []
-        self._pending_cols = 0
-        self._floor: torch.Tensor | None = None
-        self.count = 0
+        self.rows, self.k, self.count = rows, k, 0
+        self._set(torch.empty(rows, 0, device=device, dtype=dtype))
+        self._scratch: np.ndarray | None = None  # the CPU filter's work block
+
+    def _set(self, values: torch.Tensor) -> None:
+        self._buf, self._fill = values.neg(), values.shape[1]  # the values negated; in use
+        self._floor: torch.Tensor | None = None  # (rows, 1): the k-th largest value kept
+        self._host = values.device.type == "cpu" and values.dtype in _NUMPY_FLOATS
+
+    @property
+    def values(self) -> torch.Tensor:
+        """``(rows, min(k, count))`` the values kept so far, in no particular order (a copy)."""
+        self._compact()
+        return self._buf[:, : self._fill].neg()
 
     def _compact(self) -> None:
-        if self._pending:
-            both = torch.cat([self.values, *self._pending], dim=1)
-            self._pending, self._pending_cols = [], 0
-            if both.shape[1] > self.k:
-                both = both.topk(self.k, dim=1, sorted=False).values
-            self.values = both
-            # the k-th largest value kept so far: nothing at or below it can enter the top k
-            self._floor = both.amin(dim=1, keepdim=True) if both.shape[1] == self.k else None
+        """Move each row's ``k`` largest values to the buffer's first ``k`` columns."""
+        k, live = self.k, self._buf[:, : self._fill]
+        if self._fill > k:
+            if self._host:
+                live.numpy().partition(k - 1, axis=1)  # in place: the k smallest negated first
+            else:
+                live[:, :k] = live.topk(k, dim=1, largest=False, sorted=False).values
+            self._fill, self._floor = k, None
+        if self._fill == k and self._floor is None:  # nothing at or below it can enter
+            self._floor = self._buf[:, :k].amax(dim=1, keepdim=True).neg_()
+
+    def _append(self, values: torch.Tensor | np.ndarray, negated: bool = False) -> None:
+        """Copy ``(rows, m)`` values into the buffer, compacting it whenever it is full."""
+        at, width = 0, self._buf.shape[1]
+        while at < values.shape[1]:
+            if self._fill == width:
+                self._compact()
+            take = min(width - self._fill, values.shape[1] - at)
+            src, dst = values[:, at : at + take], self._buf[:, self._fill : self._fill + take]
+            if isinstance(src, np.ndarray):
+                np.copyto(dst.numpy(), src) if negated else np.negative(src, out=dst.numpy())
+            else:
+                dst.copy_(src) if negated else torch.neg(src, out=dst)
+            self._fill, at = self._fill + take, at + take
 
     def add(self, batch: torch.Tensor) -> None:
         """Add ``(rows, n)`` new values (one column per observation).
 
         Once ``k`` values per row are kept, a batch's values at or below each row's ``k``-th
         largest so far are dropped on arrival (they cannot change the kept multiset; ties
-        included), so the buffer holds only candidates and memory stays near ``rows * k``
-        values plus one batch. Batches are buffered and reduced once the buffer holds ``k``
-        columns, so the cost is amortized over the stream rather than paid per batch.
+        included): the batch is filtered in pieces of about 1M values, each reduced to as
+        many columns as its row with the most candidates needs.
         """
         if batch.ndim != 2 or batch.shape[0] != self.rows:
             raise DissectError(f"TopK.add expects ({self.rows}, n), got {tuple(batch.shape)}")
         self.count += batch.shape[1]
-        batch = batch.to(self.values)
-        floor = self._floor
-        if floor is not None and batch.shape[1] > 64:
-            # in pieces of about 1M values, so the masks and copies stay small
-            step = max(64, (1 << 20) // max(1, self.rows))
-            parts = []
-            for piece in batch.split(step, dim=1):
-                keep = piece > floor
+        width, step = self.k + max(self.k // 4, 1024), max(64, (1 << 20) // max(1, self.rows))
+        if self._buf.shape[1] < width:  # on the CPU, its pages are touched as columns fill
+            buf = self._buf.new_empty(self.rows, width)
+            buf[:, : self._fill] = self._buf[:, : self._fill]
+            self._buf = buf
+        if self._host and (self._scratch is None or self._scratch.shape[1] < step):
+            self._scratch = np.empty((self.rows, step), dtype=self._buf.numpy().dtype)
+        for piece in batch.to(self._buf.device, self._buf.dtype).split(step, dim=1):
+            if self._floor is None:
+                self._append(piece)
+            elif self._host:
+                self._filter_host(piece.numpy(), self._floor.numpy())
+            else:
+                keep = piece > self._floor
                 most = int(keep.sum(dim=1).max())
-                if most == 0:
-                    continue
                 if 2 * most < piece.shape[1]:  # the candidates of every row, as few columns
                     piece = piece.masked_fill(~keep, -math.inf).topk(most, dim=1,
                                                                      sorted=False).values
-                parts.append(piece)
-            if not parts:
-                return
-            batch = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        self._pending.append(batch)
-        self._pending_cols += batch.shape[1]
-        if self._pending_cols >= max(self.k, 1024):
-            self._compact()
+                self._append(piece)
+
+    def _filter_host(self, piece: np.ndarray, floor: np.ndarray) -> None:
+        """Append the values of ``piece`` above ``floor``, each row's first, as few columns."""
+        mask = piece > floor
+        most = int(np.count_nonzero(mask, axis=1).max())
+        if 2 * most >= piece.shape[1]:
+            self._append(piece)
+        elif most:
+            work = self._scratch[:, : piece.shape[1]]
+            np.negative(piece, out=work)
+            np.copyto(work, np.inf, where=np.logical_not(mask, out=mask))
+            work.partition(most - 1, axis=1)  # each row's candidates first, then +inf
+            self._append(work[:, :most], negated=True)
 
     def merge(self, other: TopK) -> None:
         """Fold another tally of the same streams into this one."""
-        other._compact()
         count = self.count + other.count
         self.add(other.values)
         self.count = count
 
+    def _ascending_negated(self) -> torch.Tensor:
+        """The kept values negated, rows ascending: the buffer, sorted in place."""
+        self._compact()
+        live = self._buf[:, : self._fill]
+        if self._host:
+            live.numpy().sort(axis=1)
+        else:
+            live.copy_(live.sort(dim=1).values)
+        return live
+
     def result(self) -> torch.Tensor:
         """``(rows, min(k, count))`` kept values, largest first."""
-        self._compact()
-        return self.values.sort(dim=1, descending=True).values
+        return self._ascending_negated().neg()
 
     def to_(self, device: str | torch.device) -> TopK:
         """Move the running values in place; returns ``self``."""
-        self._compact()
-        self.values = self.values.to(device)
-        self._floor = None  # recomputed at the next compaction
+        self._set(self.values.to(device))
         return self
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume the tally."""
-        self._compact()
         return {"rows": self.rows, "k": self.k, "count": self.count, "values": self.values.cpu()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a tally saved by :meth:`state_dict`."""
         self.rows, self.k, self.count = int(state["rows"]), int(state["k"]), int(state["count"])
-        self.values = state["values"].to(self.values.device, self.values.dtype)
-        self._pending, self._pending_cols, self._floor = [], 0, None
+        self._set(state["values"].to(self._buf.device, self._buf.dtype))
 
 
-def top_rows(
-    read: Callable[[int, int], np.ndarray],
-    n: int,
-    units: int,
-    k: int,
-    *,
-    chunk_rows: int | None = None,
-) -> np.ndarray:
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)  # TopK sorts these in numpy
+
+
+def top_rows(read: Callable[[int, int], np.ndarray], n: int, units: int, k: int, *,
+             chunk_rows: int | None = None) -> np.ndarray:
     """Each column's ``k`` largest rows of an ``(n, U)`` array read in chunks: memory is
     bounded by a chunk, not by ``n``.
 
@@ -160,7 +197,8 @@ def top_rows(
     k
         How many rows to keep per column (at most ``n``).
     chunk_rows
-        Rows per read (default: about 4M values per chunk).
+        Rows per read (default: about 512K values per chunk: faster than larger chunks, and
+        their few temporaries stay small).
 
     Returns
     -------
@@ -168,7 +206,7 @@ def top_rows(
         ``(U, min(k, n))`` int64 row numbers, best first.
     """
     k = min(k, n)
-    chunk_rows = chunk_rows or max(1, (1 << 22) // max(1, units))
+    chunk_rows = chunk_rows or max(1, (1 << 19) // max(1, units))
     best_v: np.ndarray | None = None  # (k', U) kept values, rows ascending in each column
     best_r: np.ndarray | None = None
     start = 0
@@ -327,7 +365,7 @@ def exact_quantiles(
         for i, batch in enumerate(batches()):
             batch = batch.to(device, torch.float32)
             top.add(_exclude_nonfinite(batch, bad, on_nonfinite, i))
-        ranked = top.result()  # descending; non-finite values are -inf here
+        negated = top._ascending_negated()  # largest first, negated; non-finite: +inf
         if collective is not None:
             bad = collective.all_sum(bad)
         bad_np = bad.cpu().numpy().astype(np.int64)
@@ -335,14 +373,14 @@ def exact_quantiles(
         finite = n - bad_np
         if collective is not None:  # ascending rank r of f finite values: the (f - r)-th
             counts = np.stack([finite - lo_r, finite - hi_r])  # largest of the union
-            a, b = _merged_order_stats(ranked, counts, collective)
+            a, b = _merged_order_stats(negated.neg(), counts, collective)
         else:  # ascending rank r of a row's f finite values: column f - 1 - r (descending)
             if top.count != n:
                 raise DissectError(f"exact_quantiles: the batches hold {top.count} values per "
                                    f"row, not n={n}")
             cols = np.stack([finite - 1 - lo_r, finite - 1 - hi_r], axis=1)
-            cols = torch.from_numpy(np.maximum(cols, 0)).to(ranked.device)  # -1: no finite
-            picked = ranked.gather(1, cols).cpu().numpy()
+            cols = torch.from_numpy(np.maximum(cols, 0)).to(negated.device)  # -1: no finite
+            picked = negated.gather(1, cols).neg_().cpu().numpy()
             a, b = picked[:, 0], picked[:, 1]
     else:
         a, b, bad_np = _radix_order_stats(batches, rows, n, level, device, collective,

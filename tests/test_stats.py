@@ -130,3 +130,31 @@ def test_radix_order_statistics_with_different_high_digits():
     level = 0.5  # ranks 49 and 50: 1.0 and 2**40
     got = exact_quantiles(lambda: [torch.from_numpy(rows)], 3, 100, level, memory_values=1)
     np.testing.assert_array_equal(got, np.quantile(rows, level, axis=1).astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
+def test_topk_equals_a_full_sort_through_every_path(dtype):
+    """Buffer compactions, the filter's narrow and wide pieces, batches larger than the buffer,
+    merges and a resumed state: always the k largest of everything added (bfloat16: the torch
+    path the other devices take)."""
+    rng = np.random.default_rng(11)
+    for rows, k in ((1, 1), (3, 5), (4, 700), (2, 3000)):
+        tops = [TopK(rows, k, dtype=dtype) for _ in range(2)]
+        seen = []
+        for i in range(40):
+            width = int(rng.choice([1, 50, 900, 5000]))
+            values = rng.integers(-20, 20, (rows, width)) * float(rng.choice([1.0, 0.01]))
+            batch = torch.from_numpy(values).to(dtype)
+            if i % 7 == 3:
+                batch = torch.full_like(batch, -math.inf)
+            tops[i % 2].add(batch.clone())
+            seen.append(batch)
+            if i == 20:
+                state = tops[0].state_dict()
+                tops[0] = TopK(rows, k, dtype=dtype)
+                tops[0].load_state_dict(state)
+        tops[0].merge(tops[1])
+        full = torch.cat(seen, dim=1).sort(dim=1, descending=True).values[:, :k]
+        assert tops[0].count == sum(b.shape[1] for b in seen)
+        assert torch.equal(tops[0].result(), full)
+        assert torch.equal(tops[0].result(), full)  # sorting in place keeps the multiset
