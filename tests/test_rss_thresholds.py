@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dissect.netdissect.run import _note_rows, _threshold_batches, _thresholds
+from dissect.netdissect.run import _note_rows, _thresholds
 from dissect.stats import exact_quantiles
 from dissect.store import ActivationStore, StoreWriter, create_store
 
@@ -62,7 +62,7 @@ def test_thresholds_equal_numpy_and_the_plain_batches(tmp_path, dtype, nonfinite
 
     # the plain generator (each block allocated anew), blocks of the same rows
     read = 256
-    plain = exact_quantiles(_threshold_batches(ds, range(ROWS), read), UNITS, ROWS * H * W,
+    plain = exact_quantiles(_fresh_blocks(ds, range(ROWS), read), UNITS, ROWS * H * W,
                             0.995, dtype=np.dtype(dtype), return_nonfinite=True,
                             on_nonfinite=_note_rows(type(found["layer"])("layer"), range(ROWS),
                                                     read, (UNITS, H, W)))
@@ -71,6 +71,18 @@ def test_thresholds_equal_numpy_and_the_plain_batches(tmp_path, dtype, nonfinite
     assert summary.total == int(np.count_nonzero(~np.isfinite(values)))
     assert summary.rows == ((3, 270, 299) if nonfinite else ())
     assert summary.values == values.size
+
+
+def _fresh_blocks(ds, rows: range, read: int):
+    """The reference reader: each block allocated anew, ``(units, values)`` float32."""
+
+    def batches():
+        for start in range(rows.start, rows.stop, read):
+            block = torch.from_numpy(np.asarray(ds[start : min(start + read, rows.stop)],
+                                                dtype=np.float32))
+            yield block.transpose(0, 1).reshape(block.shape[1], -1)
+
+    return batches
 
 
 def test_batches_are_the_store_rows_in_unit_major_order(tmp_path, monkeypatch):
@@ -87,7 +99,7 @@ def test_batches_are_the_store_rows_in_unit_major_order(tmp_path, monkeypatch):
 
     monkeypatch.setattr(run, "exact_quantiles", recording)
     _thresholds(store, ["layer"], range(ROWS), 0.005, torch.device("cpu"), None)
-    plain = list(_threshold_batches(store["layer"], range(ROWS), 256)())
+    plain = list(_fresh_blocks(store["layer"], range(ROWS), 256)())
     assert [tuple(b.shape) for b in seen] == [(UNITS, 256 * H * W), (UNITS, 44 * H * W)]
     for got, want in zip(seen, plain, strict=True):
         assert torch.equal(got, want)

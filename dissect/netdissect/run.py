@@ -253,13 +253,22 @@ def _store_for(store_path: str | Path | None, ctx: DistContext | None
 
 def _threshold_batches(ds: Any, rows: range, read: int) -> Callable[[], Iterator[torch.Tensor]]:
     """:func:`~dissect.stats.exact_quantiles`' ``batches`` for one layer: its ``rows`` read
-    ``read`` at a time as ``(units, values)`` float32 blocks."""
+    ``read`` at a time as ``(units, values)`` float32 blocks, through two buffers reused from
+    batch to batch (each block is valid until the next is read; ``exact_quantiles`` holds no
+    batch beyond its step). Allocating each block anew (numpy's reads and torch's aligned
+    copies interleaved) fragments glibc's heap, by up to ~300 MB that RSS keeps."""
+    units, hw = ds.shape[1], int(np.prod(ds.shape[2:]))
+    held = np.empty(read * units * hw, dtype=ds.dtype)
+    flat = np.empty(read * units * hw, dtype=np.float32)
 
     def batches() -> Iterator[torch.Tensor]:
         for start in range(rows.start, rows.stop, read):
-            block = torch.from_numpy(np.asarray(ds[start : min(start + read, rows.stop)],
-                                                dtype=np.float32))
-            yield block.transpose(0, 1).reshape(block.shape[1], -1)
+            m = min(read, rows.stop - start)
+            block = held[: m * units * hw].reshape(m, units, *ds.shape[2:])
+            ds.read_direct(block, np.s_[start : start + m])
+            out = flat[: m * units * hw].reshape(units, m, hw)
+            np.copyto(out, block.reshape(m, units, hw).transpose(1, 0, 2))
+            yield torch.from_numpy(out.reshape(units, m * hw))
 
     return batches
 
@@ -407,26 +416,6 @@ def _thresholds(store: ActivationStore, names: list[str], rows: range, quantile:
     thresholds: dict[str, np.ndarray] = {}
     found: dict[str, NonFiniteTally] = {}
 
-    def reused_batches(ds: Any, read: int) -> Callable[[], Iterator[torch.Tensor]]:
-        """:func:`_threshold_batches`' blocks, read through two buffers reused from batch to
-        batch: allocating each block anew (numpy's reads and torch's aligned copies
-        interleaved) fragments glibc's heap, by up to ~300 MB that RSS keeps.
-        :func:`~dissect.stats.exact_quantiles` holds no batch beyond its step."""
-        units, hw = ds.shape[1], int(np.prod(ds.shape[2:]))
-        held = np.empty(read * units * hw, dtype=ds.dtype)
-        flat = np.empty(read * units * hw, dtype=np.float32)
-
-        def batches() -> Iterator[torch.Tensor]:
-            for start in range(rows.start, rows.stop, read):
-                m = min(read, rows.stop - start)
-                block = held[: m * units * hw].reshape(m, units, *ds.shape[2:])
-                ds.read_direct(block, np.s_[start : start + m])
-                out = flat[: m * units * hw].reshape(units, m, hw)
-                np.copyto(out, block.reshape(m, units, hw).transpose(1, 0, 2))
-                yield torch.from_numpy(out.reshape(units, m * hw))
-
-        return batches
-
     for name in names:
         ds = store[name]
         n, units, h, w = ds.shape
@@ -435,7 +424,7 @@ def _thresholds(store: ActivationStore, names: list[str], rows: range, quantile:
         found[name] = NonFiniteTally(name)
         with ctx.phase("threshold merge") if ctx is not None else nullcontext():
             thresholds[name], _ = exact_quantiles(
-                reused_batches(ds, read), units, n * h * w, 1 - quantile,
+                _threshold_batches(ds, rows, read), units, n * h * w, 1 - quantile,
                 dtype=np.dtype(ds.dtype), device=dev, collective=ctx, return_nonfinite=True,
                 on_nonfinite=_note_rows(found[name], rows, read, (units, h, w)))
         found[name].add_finite(len(rows) - found[name].seen_rows, units, h * w)
