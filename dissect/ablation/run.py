@@ -14,6 +14,7 @@ from torch import nn
 from .._plumbing.checks import one_of, positive_int, unit_list, units_in_range
 from .._plumbing.device import Device, PreparedModel, prepare_model
 from .._plumbing.progress import progress_bar
+from ..datasets.sources import resolve_data
 from ..errors import DataError, DissectError
 from ..hooks.layers import resolve_layers
 from ..hooks.select import Selector
@@ -61,7 +62,10 @@ def ablate(
         policy puts it (:func:`dissect.prepare_model`).
     data
         A map-style dataset, a ``DataLoader`` (``shuffle=False``) or an ``(N, ...)`` tensor;
-        items as everywhere (a tensor, ``(input, ...)`` or ``{"image": ...}``).
+        items as everywhere (a tensor, ``(input, ...)`` or ``{"image": ...}``). Or a
+        data-source spec as the CLI's ``--data`` (``"synthetic:N"``, ``"samples"``,
+        ``"broden:PATH"``, a folder; :func:`dissect.datasets.resolve_data`), opened without a
+        transform: pass a dataset built with the model's preprocessing when it needs one.
     layer
         The layer whose units are removed: a unit is a channel of its ``(B, C, ...)`` output
         (a hidden dimension of a token layer read as a map: the patch tokens are edited, the
@@ -284,6 +288,7 @@ def _run(model: Any, data: Any, layer: str, units: list[int] | None, removal: st
          progress: bool, tokens: Any, select: Any,
          extra: dict[str, Any] | None = None) -> AblationResult:
     batch_size = positive_int(batch_size, "batch_size")
+    data, _ = resolve_data(data)
     run = prepare_model(model, device)
     module = run.module
     if not isinstance(layer, str):

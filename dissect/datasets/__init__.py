@@ -3,7 +3,7 @@
 from .broden import Broden, BrodenLabel, encode_label_png, read_label_png
 from .concepts import Concept, ConceptDataset, collate, item_categories, rgb_to_tensor
 from .images import ImageFolder, SampleImages, read_image
-from .sources import open_dataset
+from .sources import open_dataset, resolve_data
 from .synthetic import PALETTE, SyntheticConcepts
 from .writer import write_broden
 
@@ -22,6 +22,7 @@ __all__ = [
     "open_dataset",
     "read_image",
     "read_label_png",
+    "resolve_data",
     "rgb_to_tensor",
     "write_broden",
 ]

@@ -18,6 +18,7 @@ from .._plumbing.checks import positive_int, unit_list, units_in_range
 from .._plumbing.device import PreparedModel, prepared
 from .._plumbing.items import split_item, stack_inputs
 from .._plumbing.progress import progress_bar
+from ..datasets.sources import resolve_data
 from ..errors import DataError, DissectError, StoreError
 from ..hooks.select import Selector
 from ..hooks.tokens import UNRECOGNIZED, TokensSpec
@@ -303,6 +304,9 @@ def top_patches(
     dataset
         A map-style dataset of model inputs: items are a tensor, a tuple whose first element
         is one, or a dict with ``"image"`` (and optionally ``"index"``). All of one shape.
+        Or a data-source spec as the CLI's ``--data`` (``"synthetic:N"``, ``"samples"``,
+        ``"broden:PATH"``, a folder; :func:`dissect.datasets.resolve_data`), opened without a
+        transform: pass a dataset built with the model's preprocessing when it needs one.
     layer
         The layer name.
     units
@@ -352,6 +356,7 @@ def top_patches(
     >>> top = top_patches(model, SampleImages(transform), "features.7", range(16), k=4)
     >>> save_patch_grid(top, "features7.png", transform=transform)        # doctest: +SKIP
     """
+    dataset, _ = resolve_data(dataset)
     method = check_method(method)
     units = unit_list(units)
     k = positive_int(k, "k")

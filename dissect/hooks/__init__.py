@@ -5,7 +5,8 @@ from .capture import capture
 from .layers import layer_names, resolve_layers
 from .select import first_tensor, select_output
 from .tokens import TokenGrid, resolve_tokens, token_layout
-from .trace import StopForward, Trace
+from .trace import StopForward, Trace, trace
 
 __all__ = ["Trace", "StopForward", "TokenGrid", "capture", "first_tensor", "fingerprint",
-           "layer_names", "resolve_layers", "resolve_tokens", "select_output", "token_layout"]
+           "layer_names", "resolve_layers", "resolve_tokens", "select_output", "token_layout",
+           "trace"]

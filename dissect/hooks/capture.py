@@ -180,7 +180,12 @@ def capture(
     data
         A map-style ``Dataset``, a ``DataLoader`` (``shuffle=False``) or an ``(N, ...)`` tensor.
         Items (or batches) are a tensor, a tuple/list whose first element is the input, or a
-        dict with key ``"image"`` (and optionally ``"index"``, stored in ``/index``).
+        dict with key ``"image"`` (and optionally ``"index"``, stored in ``/index``). Or a
+        data-source spec, as the CLI's ``--data`` (:func:`dissect.datasets.resolve_data`):
+        ``"synthetic:N"``, ``"samples"``, ``"broden:PATH"``, a folder. A spec is opened
+        *without* a transform (images are ``(3, H, W)`` floats in [0, 1]); the CLI applies
+        the model's preprocessing, so a Python caller who needs it passes a dataset built
+        with ``transform=`` instead. The spec is recorded as ``dataset`` unless that is given.
     layers
         Layer name(s) or a predicate (see :func:`dissect.hooks.layer_names`).
     path
@@ -221,7 +226,8 @@ def capture(
     dataset
         The data-source spec (``"synthetic:1000"``, ``"broden:PATH"``, a folder...), recorded
         as the store's ``dataset`` attribute so later analyses can reopen the same data (e.g.
-        ``dissect probe STORE --labels targets``). The CLI records its ``--data``.
+        ``probe(store, labels="targets")``, ``dissect probe STORE --labels targets``). The CLI
+        records its ``--data``; ``None`` records ``data`` itself when it is a spec.
     tokens
         How token outputs are stored (:mod:`dissect.hooks.tokens`): ``"auto"`` (default)
         stores a recognized transformer layer (torchvision's or timm's ViT, Swin) as
@@ -260,6 +266,11 @@ def capture(
     run = prepare_model(model, ctx.device(device) if ctx is not None else device)
     names = resolve_layers(run.module, layers)
     path = Path(path)
+    from ..datasets.sources import resolve_data  # here only: importing hooks stays light
+
+    data, spec = resolve_data(data)
+    if dataset is None:
+        dataset = spec
     source = BatchSource(data, batch_size, num_workers, run.device)
     settings = {
         "fingerprint": run.fingerprint,

@@ -123,6 +123,9 @@ class BatchSource:
                     "with shuffle=False (rows are stored in the loader's order)"
                 )
             self.n = _loader_rows(data)
+        elif isinstance(data, (str, bytes)):  # never a sequence of characters as data items
+            raise DataError(f"data {data!r:.80} is a string: open data-source specs with "
+                            "dissect.datasets.resolve_data (capture and the analyses do)")
         elif isinstance(data, IterableDataset) or not hasattr(data, "__getitem__"):
             raise DataError(
                 f"data must be a map-style Dataset, a DataLoader or a tensor, not "

@@ -19,7 +19,7 @@ from .outputs import sequence_first
 from .select import Selector, first_tensor, select_output, selector_for
 from .tokens import TokenGrid, TokensSpec, resolve_tokens, to_map
 
-__all__ = ["Trace", "StopForward", "first_tensor", "EditFn"]
+__all__ = ["Trace", "StopForward", "first_tensor", "EditFn", "trace"]
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,13 @@ class Trace:
         each traced output (``tr.grads[name]``). The output must require grad.
     stop
         End the forward pass as soon as every requested layer has produced its output: the
-        rest of the network is not computed. The internal :class:`StopForward` is swallowed on
-        exit, so the forward call should be the last statement of the block.
+        rest of the network is not computed. **Trap:** this works by raising
+        :class:`StopForward` from the last layer's hook; the exception leaves the model call
+        *and the rest of the* ``with`` *block*, and is swallowed on exit. Every statement
+        after the model call inside the block silently does not run (and the call returns
+        nothing). Use :meth:`run` (``tr = Trace(model, layers, stop=True).run(x)``) or
+        :func:`trace`, which have no such trap; or make the model call the last statement of
+        the block.
     record
         Optional ``(name, tensor) -> value``: what to keep of each output instead of the
         default detached copy (e.g. to pool or cast on the device). It receives the live
@@ -146,6 +151,11 @@ class Trace:
     >>> with Trace(model, ["layer3", "layer4"], grads=True) as tr:   # doctest: +SKIP
     ...     model(x)[:, 281].sum().backward()
     >>> tr.outputs["layer4"].shape, tr.grads["layer4"].shape         # doctest: +SKIP
+
+    Only the outputs, computing no further than ``layer3`` (one call, hooks removed after):
+
+    >>> tr = Trace(model, "layer3", stop=True).run(x)                 # doctest: +SKIP
+    >>> tr.outputs["layer3"].shape                                    # doctest: +SKIP
 
     Zero channel 7 of ``layer3`` and see what the model says then:
 
@@ -231,6 +241,37 @@ class Trace:
         self.remove()
         return exc_type is not None and issubclass(exc_type, StopForward)
 
+    def run(self, *args: Any, **kwargs: Any) -> Trace:
+        """Run ``self.model(*args, **kwargs)`` inside this trace and return the trace.
+
+        The form without the ``stop=True`` trap: the trace enters itself, calls the model,
+        and exits (every hook removed, also when the model raises); a :class:`StopForward`
+        raised by ``stop=True`` ends only the model call, and the caller's next statement
+        runs as usual. Each call starts afresh (``outputs``, ``grads``, ``prefix`` and
+        ``calls`` are reset). It runs no backward pass: for ``grads=True`` use the ``with``
+        block and back-propagate inside it.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            The model's inputs, passed to ``self.model`` as they are (moved nowhere: put them
+            where the model is).
+
+        Returns
+        -------
+        Trace
+            ``self``: the recorded outputs in ``.outputs`` (and ``.prefix``, ``.layouts``,
+            ``.calls``).
+
+        Examples
+        --------
+        >>> tr = Trace(model, ["layer3", "layer4"], stop=True).run(x)    # doctest: +SKIP
+        >>> tr.outputs["layer4"].shape                                  # doctest: +SKIP
+        """
+        with self:
+            self.model(*args, **kwargs)
+        return self
+
     def remove(self) -> None:
         """Remove every hook this trace registered (idempotent)."""
         while self._handles:
@@ -306,3 +347,53 @@ class Trace:
             self.grads[name] = grad.detach().clone()
         else:  # several backward passes inside one block accumulate, like .grad does
             self.grads[name] = self.grads[name] + grad.detach()
+
+
+def trace(model: nn.Module, x: Any, layers: LayerSelector, *, stop: bool = True,
+          **kwargs: Any) -> dict[str, Any]:
+    """The outputs of ``layers`` for the input ``x``: one forward pass, no hooks left behind.
+
+    ``Trace(model, layers, stop=stop, **kwargs).run(x).outputs``, run under
+    :func:`torch.no_grad` (no graph is kept: the outputs are detached copies anyway). By
+    default the forward pass stops after the last requested layer (``stop=True``), and, unlike
+    inside a ``with Trace(..., stop=True)`` block, nothing of the caller's code is skipped.
+
+    Parameters
+    ----------
+    model
+        The model to trace (it runs as it is: put it in eval mode and ``x`` on its device).
+    x
+        The model's input, passed as ``model(x)``.
+    layers
+        A layer name, a list of names or a predicate on names.
+    stop
+        End the forward pass once every requested layer has run (default ``True``).
+    **kwargs
+        Any other keyword argument of :class:`Trace`: ``record``, ``tokens``, ``select``,
+        ``edit``. (Not ``grads``: no backward pass is run; use ``with Trace(..., grads=True)``.)
+
+    Returns
+    -------
+    dict
+        Layer name -> its recorded output (a detached copy, or what ``record=`` returned),
+        in the order of the resolved layer names.
+
+    Raises
+    ------
+    DissectError
+        When ``grads=True`` is passed, and as :class:`Trace` for bad layers or arguments.
+
+    Examples
+    --------
+    >>> feats = trace(model, x, ["layer3", "layer4"])                  # doctest: +SKIP
+    >>> feats["layer4"].shape                                          # doctest: +SKIP
+    """
+    if kwargs.get("grads"):
+        raise DissectError("trace() runs no backward pass, so it records no gradients: use "
+                           "`with Trace(model, layers, grads=True) as tr:` and back-propagate "
+                           "inside the block")
+    kwargs.pop("grads", None)
+    tr = Trace(model, layers, stop=stop, **kwargs)
+    with torch.no_grad():
+        tr.run(x)
+    return {name: tr.outputs[name] for name in tr.layers if name in tr.outputs}

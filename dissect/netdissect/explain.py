@@ -26,6 +26,7 @@ from .._plumbing.device import resolve_device
 from .._plumbing.progress import progress_bar
 from .._plumbing.store_layers import store_layers
 from ..datasets.concepts import Concept
+from ..datasets.sources import resolve_data
 from ..errors import DissectError
 from ..store import ActivationStore
 from .explain_counts import count_entries
@@ -138,7 +139,9 @@ def explain(
         An :class:`~dissect.ActivationStore` captured over ``dataset`` with ``pool=None``
         (rows aligned by its ``/index``), as for :func:`~dissect.netdissect.dissect`.
     dataset
-        A concept dataset (``concepts``, ``categories``, items with label planes).
+        A concept dataset (``concepts``, ``categories``, items with label planes), or a
+        data-source spec naming one, as the CLI's ``--data`` (``"synthetic:N"``,
+        ``"broden:PATH"``, a Broden folder; :func:`dissect.datasets.resolve_data`).
     layer
         The layer to explain (a name of the store).
     units
@@ -213,6 +216,7 @@ def explain(
     each candidate's counts come from histograms over the unit's active entries and over the
     formula's entries, shared by all the units whose beam holds the formula.
     """
+    dataset, _ = resolve_data(dataset)
     _check_dataset(dataset)
     if not isinstance(store, ActivationStore):
         raise DissectError(f"store must be an ActivationStore, not {type(store).__name__} "

@@ -104,7 +104,11 @@ def dissect(
         ``TMPDIR`` names when the call starts (else the system's), and removed when the call
         returns or fails.
     dataset
-        A concept dataset (``concepts``, ``categories``, items with label planes).
+        A concept dataset (``concepts``, ``categories``, items with label planes), or a
+        data-source spec naming one, as the CLI's ``--data`` (``"synthetic:N"``,
+        ``"broden:PATH"``, a Broden folder; :func:`dissect.datasets.resolve_data`), opened
+        without a transform: pass a dataset built with the model's preprocessing when a model
+        is captured here and needs one.
     layers
         Layers to dissect (default: every layer of the store). Required for a model.
     quantile
@@ -190,6 +194,9 @@ def dissect(
     affected store rows and the units without a finite value
     (:class:`dissect._plumbing.finite.NonFiniteTally`); only rank 0 logs it.
     """
+    from ..datasets.sources import resolve_data
+
+    dataset, spec = resolve_data(dataset)
     _check_dataset(dataset)
     if not 0 < quantile < 1:
         raise DissectError(f"quantile must be in (0, 1), got {quantile}")
@@ -214,7 +221,7 @@ def dissect(
         raise DissectError("give layers=... when dissecting a model")
     run = prepare_model(source, ctx.device(device) if ctx is not None else device)
     with _store_for(store_path, ctx) as (path, finished):
-        store = capture(run, dataset, layers, path, batch_size=batch_size,
+        store = capture(run, dataset, layers, path, batch_size=batch_size, dataset=spec,
                         device=run.device, progress=progress, num_workers=num_workers,
                         distributed=ctx if ctx is not None else False, tokens=tokens,
                         select=select)
