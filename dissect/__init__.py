@@ -19,7 +19,7 @@ from .errors import DataError, DissectError, LayerNotFoundError, ModelSpecError,
 from .hooks import Trace, capture, layer_names
 from .store import ActivationStore
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {  # public name -> (module, attribute)
     "load_model": ("models", "load_model"),

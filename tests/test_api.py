@@ -83,7 +83,11 @@ def test_version_matches_setup_cfg():
     cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
     assert isinstance(dissect.__version__, str)
     assert re.fullmatch(r"\d+\.\d+\.\d+([.-]?\w+)*", dissect.__version__), dissect.__version__
-    assert dissect.__version__ == cfg["metadata"]["version"].strip()
+    # one source of the version: setup.cfg reads dissect.__version__
+    assert cfg["metadata"]["version"].strip() == "attr: dissect.__version__"
+    changelog = (Path(__file__).resolve().parents[1] / "CHANGELOG.md").read_text()
+    latest = re.search(r"^## (\S+)", changelog, re.MULTILINE)
+    assert latest is not None and latest.group(1) == dissect.__version__
 
 
 @pytest.mark.slow
