@@ -41,7 +41,8 @@ class TokenGrid:
     class_token
         The first prefix token is a class token (torchvision's ViT, most timm ViTs). ``False``
         for prefix tokens that are all registers (timm's ``class_token=False``): then a
-        probe's ``pool="cls"`` refuses the layer instead of reading a register token.
+        probe's ``pool="cls"`` refuses the layer instead of reading a register token. Always
+        ``False`` when ``prefix`` is 0.
 
     Examples
     --------
@@ -68,6 +69,8 @@ class TokenGrid:
                 raise DissectError(f"TokenGrid(grid=...) must be (h, w) of positive ints or "
                                    f"None, got {self.grid!r}")
             object.__setattr__(self, "grid", (int(grid[0]), int(grid[1])))
+        if not self.prefix:  # no prefix, no class token: one spelling of each layout
+            object.__setattr__(self, "class_token", False)
         if self.channels_last and self.prefix:
             raise DissectError("TokenGrid(channels_last=True) reads (B, H, W, C) maps, which "
                                f"have no prefix tokens: use prefix=0, not {self.prefix}")
