@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 DEMO_OUT ?= demo-out
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean docs
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -q
+
+# The API reference (Sphinx + numpydoc, docs/api/) with the README as its guide; warnings are errors.
+docs: setup
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs/api docs/_build/html
+	@echo "open docs/_build/html/index.html"
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/run_all.py

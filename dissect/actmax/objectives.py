@@ -47,8 +47,11 @@ class Objective:
 
     Examples
     --------
-    >>> obj = channel("features.10", 3) - 0.5 * channel("features.10", 7)   # doctest: +SKIP
-    >>> obj({"features.10": acts})            # (N,) values              # doctest: +SKIP
+    >>> import torch
+    >>> acts = torch.ones(2, 16, 4, 4)   # (N, C, H, W) activations of the layer
+    >>> obj = channel("features.10", 3) - 0.5 * channel("features.10", 7)
+    >>> obj({"features.10": acts})       # (N,) values
+    tensor([0.5000, 0.5000])
     """
 
     __slots__ = ("_fn", "layers", "name", "unit")

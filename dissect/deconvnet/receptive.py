@@ -266,7 +266,8 @@ def receptive_field(
 
     Examples
     --------
-    >>> receptive_field(torchvision.models.resnet18(), "layer2", 224).size  # doctest: +SKIP
+    >>> import torchvision
+    >>> receptive_field(torchvision.models.resnet18(), "layer2", 224).size
     (99, 99)
     """
     shape = _shape(input_size)

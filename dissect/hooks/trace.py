@@ -148,23 +148,29 @@ class Trace:
 
     Examples
     --------
-    >>> with Trace(model, ["layer3", "layer4"], grads=True) as tr:   # doctest: +SKIP
+    >>> import torch, torchvision
+    >>> model, x = torchvision.models.resnet18().eval(), torch.randn(2, 3, 224, 224)
+    >>> with Trace(model, ["layer3", "layer4"], grads=True) as tr:
     ...     model(x)[:, 281].sum().backward()
-    >>> tr.outputs["layer4"].shape, tr.grads["layer4"].shape         # doctest: +SKIP
+    >>> tr.outputs["layer4"].shape, tr.grads["layer4"].shape
+    (torch.Size([2, 512, 7, 7]), torch.Size([2, 512, 7, 7]))
 
     Only the outputs, computing no further than ``layer3`` (one call, hooks removed after):
 
-    >>> tr = Trace(model, "layer3", stop=True).run(x)                 # doctest: +SKIP
-    >>> tr.outputs["layer3"].shape                                    # doctest: +SKIP
+    >>> tr = Trace(model, "layer3", stop=True).run(x)
+    >>> tr.outputs["layer3"].shape
+    torch.Size([2, 256, 14, 14])
 
     Zero channel 7 of ``layer3`` and see what the model says then:
 
-    >>> def zero7(name, x):                                            # doctest: +SKIP
+    >>> def zero7(name, x):
     ...     x = x.clone()
     ...     x[:, 7] = 0
     ...     return x
-    >>> with torch.no_grad(), Trace(model, "layer3", edit=zero7):      # doctest: +SKIP
+    >>> with torch.no_grad(), Trace(model, "layer3", edit=zero7):
     ...     ablated = model(x)
+    >>> ablated.shape
+    torch.Size([2, 1000])
     """
 
     @renamed_kwargs(transform="record")
@@ -265,8 +271,11 @@ class Trace:
 
         Examples
         --------
-        >>> tr = Trace(model, ["layer3", "layer4"], stop=True).run(x)    # doctest: +SKIP
-        >>> tr.outputs["layer4"].shape                                  # doctest: +SKIP
+        >>> import torch, torchvision
+        >>> model, x = torchvision.models.resnet18().eval(), torch.randn(2, 3, 224, 224)
+        >>> tr = Trace(model, ["layer3", "layer4"], stop=True).run(x)
+        >>> tr.outputs["layer4"].shape
+        torch.Size([2, 512, 7, 7])
         """
         with self:
             self.model(*args, **kwargs)
@@ -385,8 +394,11 @@ def trace(model: nn.Module, x: Any, layers: LayerSelector, *, stop: bool = True,
 
     Examples
     --------
-    >>> feats = trace(model, x, ["layer3", "layer4"])                  # doctest: +SKIP
-    >>> feats["layer4"].shape                                          # doctest: +SKIP
+    >>> import torch, torchvision
+    >>> model, x = torchvision.models.resnet18().eval(), torch.randn(2, 3, 224, 224)
+    >>> feats = trace(model, x, ["layer3", "layer4"])
+    >>> feats["layer4"].shape
+    torch.Size([2, 512, 7, 7])
     """
     if kwargs.get("grads"):
         raise DissectError("trace() runs no backward pass, so it records no gradients: use "
