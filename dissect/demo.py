@@ -81,11 +81,11 @@ class _Steps:
         self.seconds: dict[str, float] = {}
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
-        log.info("demo: %s ...", name)
+        log.info("%s ...", name)
         start = time.perf_counter()
         value = fn()
         self.seconds[name] = round(time.perf_counter() - start, 2)
-        log.info("demo: %s done in %.1f s", name, self.seconds[name])
+        log.info("%s: done in %.1f s", name, self.seconds[name])
         return value
 
 
@@ -116,7 +116,8 @@ def run_demo(
     dict
         What was written to ``out_dir/run.json``: the settings, the photographs'
         predictions, the seconds each step took, and ``"report"``, the path of the report's
-        index page.
+        index page; and, not written to the file, ``"summary"`` and ``"probes"``, the
+        dissection's and the probes' result tables (``dissect demo`` prints them on stdout).
     """
     from .datasets import SampleImages, SyntheticConcepts
     from .hooks import capture
@@ -154,7 +155,7 @@ def run_demo(
     steps.run("deconvnet patches",
               lambda: _deconv(model, transform, data, store, best, out / "deconv", settings,
                               dev, progress))
-    steps.run("linear probes", lambda: _probes(store, data, out, dev, progress))
+    probes = steps.run("linear probes", lambda: _probes(store, data, out, dev, progress))
     steps.run("layer similarity", lambda: _layers(store, data, out, dev, progress))
     photos = SampleImages(transform)
     predictions = steps.run("attribution maps", lambda: _attributions(
@@ -175,6 +176,7 @@ def run_demo(
     (out / "run.json").write_text(json.dumps(run, indent=1))
     run["report"] = str(steps.run("report", lambda: write_report(out)))
     run["summary"] = result.summary()
+    run["probes"] = probes.summary()
     return run
 
 
@@ -204,13 +206,13 @@ def _layers(store, data, out, dev, progress) -> None:
     write_layer_results(store, out, LAYERS, dataset=data, device=dev, progress=progress)
 
 
-def _probes(store, data, out, dev, progress) -> None:
+def _probes(store, data, out, dev, progress):
     from .probes import probe
 
     result = probe(store, data.targets.numpy(), LAYERS, device=dev, progress=progress)
     result.to_json(out / "probes.json")
     result.to_csv(out / "probes.csv")
-    log.info("probes:\n%s", result.summary())
+    return result
 
 
 def _attributions(model, transform, photos, directory, settings, dev, batch_size,

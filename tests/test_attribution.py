@@ -472,8 +472,8 @@ def test_cli_attribute_writes_png_and_npy(tmp_path, capsys, method):
             "--stride", "56", "--device", "cpu", "--quiet"]
     assert main(argv) == 0
     assert "img.png: class 2 (p=" in capsys.readouterr().out
-    assert read_image(out / f"img_{method}.png").shape == (224, 224, 3)
-    amap = np.load(out / f"img_{method}.npy")
+    assert read_image(out / "attribution" / f"img_{method}.png").shape == (224, 224, 3)
+    amap = np.load(out / "attribution" / f"img_{method}.npy")
     assert amap.shape == ((224, 224) if method == "gradcam" else (3, 224, 224))
     assert np.isfinite(amap).all() and np.abs(amap).max() > 0
 

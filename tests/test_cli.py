@@ -72,15 +72,75 @@ def test_help_lists_every_subcommand(capsys):
         assert f"\n    {name}" in text and f"dissect {name}" in text, name
 
 
-def test_common_options_in_every_subcommand():
+ALL = {"--device", "--batch-size", "--num-workers"}
+COMMON = {  # the common options each subcommand takes: those its run() passes on
+    "layers": {"--device"},
+    "capture": ALL, "netdissect": ALL, "explain": ALL, "attribute": ALL, "deconv": ALL,
+    "demo": ALL,
+    "ablate": {"--device", "--batch-size"},
+    "probe": {"--device"},
+    "similarity": {"--device", "--batch-size"},
+    "actmax": {"--device", "--batch-size"},
+    "invert": {"--device", "--batch-size"},
+    "report": set(),
+}
+
+
+def test_each_subcommand_has_exactly_the_common_options_it_uses(capsys):
+    import importlib
+    import inspect
+
     from dissect.cli import COMMANDS, build_parser
 
+    assert set(COMMON) == set(COMMANDS)
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     for name in COMMANDS:
         options = {o for a in sub.choices[name]._actions for o in a.option_strings}
-        expected = {"--quiet"} if name == "report" else {
-            "--device", "--batch-size", "--num-workers", "--quiet"}
-        assert expected <= options, name
+        assert options & ALL == COMMON[name], name
+        assert {"--quiet", "--verbose"} <= options, name
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = capsys.readouterr().out
+        for option in ALL | {"--quiet", "--verbose"}:
+            assert (option in text) == (option in COMMON[name] | {"--quiet", "--verbose"}), \
+                (name, option)
+        source = inspect.getsource(importlib.import_module(f"dissect.cli.{name}").run)
+        for option in COMMON[name]:  # each option listed is passed on by run()
+            assert f"args.{option[2:].replace('-', '_')}" in source, (name, option)
+
+
+def test_quiet_and_verbose_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["layers", "torchvision:resnet18", "--quiet", "--verbose"])
+    assert info.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_log_lines_are_messages_and_verbose_names_the_logger():
+    import logging
+
+    from dissect.cli import configure_logging
+
+    record = logging.LogRecord("dissect.demo", logging.INFO, __file__, 1, "capture ...", None,
+                               None)
+    warn = logging.LogRecord("dissect.x", logging.WARNING, __file__, 1, "odd %s", ("thing",),
+                             None)
+    root = logging.getLogger()
+    try:
+        handler = configure_logging()
+        assert handler.format(record) == "capture ..."
+        assert handler.format(warn) == "warning: odd thing"
+        assert root.level == logging.INFO
+        handler = configure_logging(verbose=True)
+        assert handler.format(record) == "INFO dissect.demo: capture ..."
+        assert logging.getLogger("dissect").getEffectiveLevel() == logging.DEBUG
+        configure_logging(quiet=True)
+        assert root.level == logging.WARNING
+        assert logging.getLogger("dissect").level == logging.NOTSET
+        assert sum(type(h).__name__ == "_StderrHandler" for h in root.handlers) == 1
+    finally:
+        for h in [h for h in root.handlers if type(h).__name__ == "_StderrHandler"]:
+            root.removeHandler(h)
+        root.setLevel(logging.WARNING)
 
 
 def test_output_path_errors_are_one_line(tmp_path, capsys):

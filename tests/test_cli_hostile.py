@@ -284,8 +284,10 @@ def test_units_and_targets_beyond_the_model(env):
 
 @pytest.mark.parametrize("argv", [
     ["layers", "M", "--input-size", "0"],
-    ["layers", "M", "--batch-size", "0"],
-    ["layers", "M", "--num-workers", "-1"],
+    ["capture", "M", "--data", "d", "--layers", "l", "--out", "o.h5", "--batch-size", "0"],
+    ["capture", "M", "--data", "d", "--layers", "l", "--out", "o.h5", "--num-workers", "-1"],
+    ["layers", "M", "--batch-size", "4"],  # layers has no batches: no option that does nothing
+    ["actmax", "M", "--layer", "l", "--out", "o", "--num-workers", "2"],  # nor DataLoader
     ["layers", "M", "--device", "☃"],
     ["capture", "M", "--data", "d", "--layers", "l", "--out", "o.h5", "--pool", "0"],
     ["capture", "M", "--data", "d", "--layers", "l", "--out", "o.h5", "--pool", "-2"],
@@ -642,3 +644,71 @@ def test_fuzz_cli_arguments(env):
     assert not failures, f"{len(failures)} broken invocations ({summary}):\n" + "\n".join(
         failures[:20])
     assert stats["exit 0"] and stats["exit 1"] and stats["exit 2"], summary
+
+
+# ---------------------------------------------------------------- one CLI behaviour (#21)
+
+def test_attribute_runs_combine_into_one_report(env):
+    import json
+    import shutil
+
+    out = env.root / "combined"
+    shutil.copytree(env.results, out)  # next to a dissection: one results folder, one report
+    argv = [*base(env, "attribute", "combined"), "--target", "1"]  # one class: one entry each
+    check(["attribute", *argv], 0)
+    argv[argv.index("--method") + 1] = "occlusion"
+    check(["attribute", *argv], 0)
+    check(["attribute", *argv], 0)  # the same maps again: replaced, not repeated
+    entries = json.loads((out / "attribution" / "attribution.json").read_text())
+    assert sorted(e["name"] for e in entries) == ["im0.png", "im1.png"]
+    for e in entries:
+        assert set(e["maps"]) == {"saliency", "occlusion"}
+        for file in [e["image"], *e["maps"].values(), *e["arrays"].values()]:
+            assert (out / file).is_file(), file
+    code, stdout, _ = invoke(["report", str(out), "--quiet"])
+    assert code == 0 and "report:" in stdout
+    page = (out / "report" / "attribution.html").read_text()
+    assert page.count("<figcaption>saliency</figcaption>") == 2
+    assert page.count("<figcaption>occlusion</figcaption>") == 2
+    index = (out / "report" / "index.html").read_text()
+    assert "attribution.html" in index and "Network Dissection" in index
+
+
+def test_tables_go_to_stdout_and_logs_to_stderr(env):
+    argv = [a for a in base(env, "probe", "tables") if a != "--quiet"]
+    code, stdout, err = invoke(["probe", *argv])
+    assert code == 0, err
+    table = [line for line in stdout.splitlines() if line.startswith(("conv2", "fc"))]
+    assert len(table) == 2
+    for line in table:
+        assert line not in err
+    assert err.strip() and not any(line.startswith(("INFO", "WARNING")) for line in
+                                   err.splitlines())
+    code, _, err = invoke(["probe", *argv, "--verbose"])
+    assert code == 0 and "INFO dissect." in err
+
+
+def test_progress_without_a_terminal_is_plain_short_lines(env):
+    argv = [a for a in base(env, "netdissect", "plain") if a != "--quiet"]
+    code, _, err = invoke(["netdissect", *argv])
+    assert code == 0, err
+    assert err.strip() and "\r" not in err and "\x1b" not in err
+    lines = err.splitlines()
+    assert len(lines) < 30 and all(len(line) < 160 for line in lines), err
+
+
+@pytest.mark.parametrize("data", ["samples", "imgs"])
+def test_netdissect_refuses_data_without_concepts_before_capturing(env, data, monkeypatch):
+    import dissect.hooks
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("captured before checking the dataset")
+
+    monkeypatch.setattr(dissect.hooks, "capture", no_capture)
+    out = env.root / f"noconcepts-{data}"
+    spec = "samples" if data == "samples" else str(env.imgs)
+    argv = base(env, "netdissect", f"noconcepts-{data}")
+    argv[argv.index("--dataset") + 1] = spec
+    line = check(["netdissect", *argv], 1)
+    assert "no concept labels" in line and "--dataset" in line
+    assert not (out / "activations.h5").exists()

@@ -17,8 +17,10 @@ from dissect.similarity import SimilarityResult
 def test_fast_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--fast", "--out", str(out), "--quiet"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "chelsea    -> Egyptian cat (0.72)" in printed  # the real weights, offline
+    assert "Linear probes:" in printed and "Linear probes:" not in captured.err  # tables: stdout
     assert "Network Dissection" in printed and f"report: {out.resolve()}" in printed
     with ActivationStore(out / "activations.h5") as store:
         assert store.complete and store.layers == LAYERS

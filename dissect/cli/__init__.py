@@ -80,6 +80,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _MessageFormatter(logging.Formatter):
+    """Log records as messages: ``text``, ``warning: text``, ``error: text``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.ERROR:
+            return f"error: {text}"
+        if record.levelno >= logging.WARNING:
+            return f"warning: {text}"
+        return text
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a record is emitted."""
+
+    @property
+    def stream(self):  # looked up each time: a redirected stderr is followed
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property wins
+        pass
+
+
+def configure_logging(quiet: bool = False, verbose: bool = False) -> logging.Handler:
+    """Send the command's log records to stderr as plain messages.
+
+    Parameters
+    ----------
+    quiet
+        Warnings and errors only.
+    verbose
+        The toolkit's debug messages too (other libraries' from INFO up), each as
+        ``LEVEL logger.name: message``.
+
+    Returns
+    -------
+    logging.Handler
+        The handler installed on the root logger; one installed by an earlier call is removed
+        (``main`` can run more than once in one process).
+    """
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(old)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose
+                         else _MessageFormatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    logging.getLogger("dissect").setLevel(logging.DEBUG if verbose else logging.NOTSET)
+    return handler
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dissect`` console script."""
     # OpenCV's own decoder warnings ("[ WARN:0@...] ...") would precede our one-line error
@@ -90,10 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:  # name the subcommand, whose --help lists what it takes
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(quiet=args.quiet, verbose=args.verbose)
     try:
         return args.func(args)
     except DissectError as exc:

@@ -138,6 +138,9 @@ def device(text: str) -> str:
     return text
 
 
+_device = device  # add_common's ``device`` argument shadows the name
+
+
 def units(text: str) -> list[int]:
     """Parse a unit list such as ``0-15``, ``3,7,9`` or ``0-3,10`` (argparse type)."""
     result: list[int] = []
@@ -166,16 +169,45 @@ def units(text: str) -> list[int]:
 
 # ------------------------------------------------------------------ shared options
 
-def add_common(p: argparse.ArgumentParser, batch: int = 64) -> None:
-    """Add ``--device``, ``--batch-size``, ``--num-workers`` and ``--quiet`` to a subcommand."""
+def add_common(p: argparse.ArgumentParser, batch: int | None = 64, *, device: bool = True,
+               workers: bool = True) -> None:
+    """Add the common options a subcommand uses, and only those.
+
+    Every subcommand gets ``--quiet`` and ``--verbose``; ``--device``, ``--batch-size`` and
+    ``--num-workers`` are added only where the subcommand's ``run`` passes them on, so that
+    each option listed by ``--help`` does something.
+
+    Parameters
+    ----------
+    p
+        The subcommand's parser.
+    batch
+        The default of ``--batch-size`` (``None``: the subcommand has no ``--batch-size``).
+    device
+        Add ``--device``.
+    workers
+        Add ``--num-workers`` (DataLoader worker processes).
+    """
     g = p.add_argument_group("common options")
-    g.add_argument("--device", type=device, default=None,
-                   help="cpu, cuda, cuda:1 (default: cuda if present)")
-    g.add_argument("--batch-size", type=positive, default=batch,
-                   help=f"samples per batch ({batch})")
-    g.add_argument("--num-workers", type=non_negative, default=0,
-                   help="DataLoader worker processes (0)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
+    if device:
+        g.add_argument("--device", type=_device, default=None,
+                       help="cpu, cuda, cuda:1 (default: cuda if present)")
+    if batch is not None:
+        g.add_argument("--batch-size", type=positive, default=batch,
+                       help=f"samples per batch ({batch})")
+    if workers:
+        g.add_argument("--num-workers", type=non_negative, default=0,
+                       help="DataLoader worker processes (0)")
+    add_verbosity(g)
+
+
+def add_verbosity(p: argparse.ArgumentParser | Any) -> None:
+    """``--quiet`` and ``--verbose`` (every subcommand has both; they exclude each other)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quiet", action="store_true",
+                   help="no progress output or info messages (warnings and errors only)")
+    g.add_argument("--verbose", action="store_true",
+                   help="debug messages too, each prefixed with its level and logger name")
 
 
 def tokens_arg(text: str) -> Any:

@@ -50,7 +50,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=path,
                    help="results folder (shared with other runs; this writes OUT/ablation/)")
     add_tokens(p)
-    add_common(p)
+    add_common(p, workers=False)
     return p
 
 

@@ -49,7 +49,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed, default=0, help="random seed (0)")
     p.add_argument("--ncol", type=positive, default=8, help="grid columns (8)")
     add_tokens(p)
-    add_common(p, batch=64)
+    add_common(p, batch=64, workers=False)
     return p
 
 

@@ -1,4 +1,11 @@
-"""``dissect attribute``: attribution maps of images as PNG overlays and .npy arrays."""
+"""``dissect attribute``: attribution maps of images as PNG overlays and .npy arrays.
+
+The maps go to ``OUT/attribution/`` with ``OUT/attribution/attribution.json``, the file
+``dissect report OUT`` reads (the format :func:`dissect.demo.run_demo` writes: one entry per
+image and class, its input picture and one overlay per method). A run into a folder that holds
+entries already adds to them: a map of the same image, class and method is replaced, the rest
+are kept, so several runs (methods, images, or a demo) combine into one report.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +34,11 @@ from ._common import (
 log = logging.getLogger("dissect")
 
 HELP = "attribution maps of images as PNG overlays (and .npy)"
+DESCRIPTION = (
+    "Attribution maps of images as PNG overlays and .npy arrays, written to OUT/attribution/ "
+    "and listed in OUT/attribution/attribution.json, which `dissect report OUT` renders. "
+    "Several runs into one OUT (other methods, other images, or next to `dissect netdissect` "
+    "and `dissect probe` results) combine: each adds its maps to the entries already there.")
 
 ATTRIBUTION_METHODS = {  # command-line name -> dissect.attribution function name
     "saliency": "saliency",
@@ -38,11 +50,19 @@ ATTRIBUTION_METHODS = {  # command-line name -> dissect.attribution function nam
     "gradcam": "grad_cam",
     "grad_cam": "grad_cam",
 }
+METHOD_LABELS = {  # dissect.attribution function name -> the name in attribution.json
+    "saliency": "saliency",
+    "grad_x_input": "gradient x input",
+    "smoothgrad": "smoothgrad",
+    "integrated_gradients": "integrated gradients",
+    "occlusion": "occlusion",
+    "grad_cam": "grad-cam",
+}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register the subcommand on ``sub`` (an argparse subparsers object)."""
-    p = sub.add_parser("attribute", help=HELP, description=HELP)
+    p = sub.add_parser("attribute", help=HELP, description=DESCRIPTION)
     add_model_args(p)
     p.add_argument("--image", required=True, type=nonempty,
                    help="an image file, a folder of images (recursive) or samples")
@@ -50,7 +70,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="attribution method (ig = integrated_gradients, gradcam = grad_cam)")
     p.add_argument("--target", type=non_negative, default=None,
                    help="class index to explain (default: each image's top-1 class)")
-    p.add_argument("--out", required=True, type=path, help="output folder")
+    p.add_argument("--out", required=True, type=path,
+                   help="results folder: maps go to OUT/attribution/, added to any there")
     p.add_argument("--layer", default=None,
                    help="Grad-CAM layer (default: the last layer with spatial maps)")
     p.add_argument("--steps", type=positive, default=50, help="Integrated Gradients steps (50)")
@@ -104,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import attribution
     from .._plumbing.device import resolve_device
+    from .._plumbing.result_files import write_json
     from ..errors import DissectError
     from ..models import Preprocess, imagenet_categories
 
@@ -125,7 +147,10 @@ def run(args: argparse.Namespace) -> int:
         options.update(steps=args.steps, method=args.ig_method, baseline=args.baseline)
     elif method == "occlusion":
         options.update(window=args.window, stride=args.stride, baseline=args.baseline)
-    make_out_folder(args.out)
+    folder = make_out_folder(args.out / "attribution")
+    index = folder / "attribution.json"
+    entries = _read_entries(index)
+    label_of = METHOD_LABELS[method]
     layer = args.layer
     written = 0
     for x, names in loader:
@@ -157,12 +182,57 @@ def run(args: argparse.Namespace) -> int:
             pictures = (x - low) / (x.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(1e-12)
         for name, picture, amap, t, p in zip(names, pictures, maps, targets, probs, strict=True):
             stem = Path(name).with_suffix("").as_posix().replace("/", "__")
-            png = args.out / f"{stem}_{args.method}.png"
+            png = folder / f"{stem}_{args.method}.png"
+            npy = folder / f"{stem}_{args.method}.npy"
             sign = "positive" if method == "grad_cam" else "absolute"
+            attribution.save_png(folder / f"{stem}.png", picture)
             attribution.save_png(png, attribution.overlay(picture, amap, args.colormap, sign=sign))
-            np.save(args.out / f"{stem}_{args.method}.npy", amap.cpu().numpy())
-            label = f" {cats[t]}" if cats is not None else ""
-            out(f"{name}: class {t}{label} (p={float(p[t]):.2f}) -> {png}")
+            np.save(npy, amap.cpu().numpy())
+            label = cats[t] if cats is not None else ""
+            entry = _entry(entries, name, t)
+            entry.update(label=label, prob=round(float(p[t]), 4),
+                         image=f"attribution/{stem}.png")
+            entry.setdefault("maps", {})[label_of] = f"attribution/{png.name}"
+            entry.setdefault("arrays", {})[label_of] = f"attribution/{npy.name}"
+            shown = f" {label}" if label else ""
+            out(f"{name}: class {t}{shown} (p={float(p[t]):.2f}) -> {png}")
             written += 1
-    out(f"wrote {written} {args.method} maps (.png overlay, .npy array) to {args.out}")
+    write_json(index, entries, indent=1)
+    out(f"wrote {written} {args.method} maps (.png overlay, .npy array) to {folder} and "
+        f"{len(entries)} entries to {index}; `dissect report {args.out}` renders them")
     return 0
+
+
+def _read_entries(index: Path) -> list[dict]:
+    """The entries of an existing ``attribution.json`` (none if there is no file).
+
+    Raises
+    ------
+    DissectError
+        When the file is not a JSON list of entries: it is not overwritten.
+    """
+    import json
+
+    from ..errors import DissectError
+
+    if not index.exists():
+        return []
+    try:
+        entries = json.loads(index.read_text())
+    except (OSError, ValueError) as exc:
+        raise DissectError(f"{index} is not readable JSON ({exc}): move it away to start a "
+                           "new one") from exc
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and "name" in e for e in entries):
+        raise DissectError(f"{index} is not a list of attribution entries: move it away to "
+                           "start a new one")
+    return entries
+
+
+def _entry(entries: list[dict], name: str, target: int) -> dict:
+    """The entry of ``name`` explained for class ``target``, added if missing."""
+    for e in entries:
+        if e.get("name") == name and e.get("target") == target:
+            return e
+    entries.append({"name": name, "target": target})
+    return entries[-1]

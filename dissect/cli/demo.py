@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     for p in run["predictions"]:
         out(f"  {p['name']:<10} -> {p['label']} ({p['prob']:.2f})")
     out(run["summary"])
+    out(run["probes"])
     total = sum(run["seconds"].values())
     out("seconds per step: " + ", ".join(f"{k} {v:.0f}" for k, v in run["seconds"].items())
         + f" (total {total:.0f})")

@@ -45,7 +45,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="image parametrization (fft)")
     p.add_argument("--seed", type=seed, default=0, help="random seed (0)")
     add_tokens(p)
-    add_common(p, batch=16)
+    add_common(p, batch=16, workers=False)
     return p
 
 

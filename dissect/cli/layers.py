@@ -16,7 +16,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("layers", help=HELP, description=HELP)
     add_model_args(p)
     p.add_argument("--input-size", type=side, default=224, help="square input side (224)")
-    add_common(p, batch=1)
+    add_common(p, batch=None, workers=False)
     return p
 
 

@@ -74,6 +74,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Capture (or reuse) a store over a concept dataset, score it, write CSV/JSON."""
     from ..datasets import open_dataset
+    from ..errors import DissectError
     from ..hooks import capture
     from ..models import Preprocess
     from ..netdissect import dissect
@@ -83,6 +84,12 @@ def run(args: argparse.Namespace) -> int:
         distributed = ctx if ctx is not None else False
         model, transform = load_cli_model(args)
         data = open_dataset(args.dataset)
+        missing = [a for a in ("concepts", "categories") if not hasattr(data, a)]
+        if missing:  # refused before the capture, not after it
+            raise DissectError(
+                f"--dataset {args.dataset} has no concept labels (no .{missing[0]}): Network "
+                "Dissection needs concept masks; give broden:PATH, a Broden folder or "
+                "synthetic[:N] (for unlabeled images, use dissect capture or dissect deconv)")
         # keep pixels aligned with the segmentation: normalization only, no resize or crop
         data.transform = (transform.without_resize() if isinstance(transform, Preprocess)
                           else transform)

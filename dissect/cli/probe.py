@@ -84,7 +84,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-features", type=positive, default=None,
                    help="reduce wider layers to this many features (PCA)")
     p.add_argument("--no-control", action="store_true", help="skip the permuted-label control")
-    add_common(p)
+    add_common(p, batch=None, workers=False)
     return p
 
 

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import check_out_folder, out, path
+from ._common import add_verbosity, check_out_folder, out, path
 
 HELP = "render the static HTML report of a results folder"
+DESCRIPTION = (
+    "Render the static HTML report of a results folder. Subcommands run with the same --out "
+    "RESULTS add to one folder (netdissect.json, explanations, ablation/, probes.json, "
+    "layers/, attribution/attribution.json; repeated `dissect attribute` runs add their maps "
+    "to the entries there), and the report shows everything it finds.")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register the subcommand on ``sub`` (an argparse subparsers object)."""
-    p = sub.add_parser("report", help=HELP, description=HELP)
+    p = sub.add_parser("report", help=HELP, description=DESCRIPTION)
     p.add_argument("results", type=path,
-                   help="folder written by dissect demo / netdissect / probe")
+                   help="folder written by dissect demo / netdissect / explain / ablate / "
+                        "probe / similarity / attribute (--out RESULTS)")
     p.add_argument("--out", type=path, default=None, help="site folder (RESULTS/report)")
-    p.add_argument("--quiet", action="store_true", help="no info messages")
+    add_verbosity(p)
     return p
 
 

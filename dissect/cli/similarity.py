@@ -52,7 +52,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed, default=0, help="sketch, query and embedding seed (0)")
     p.add_argument("--no-geometry", action="store_true",
                    help="CKA only: skip intrinsic dimension, embedding and nearest examples")
-    add_common(p, batch=1024)
+    add_common(p, batch=1024, workers=False)
     return p
 
 

@@ -3,28 +3,28 @@
 :func:`write_report` reads what an analysis run left in a results folder and never recomputes
 anything. Every part is optional; the report shows what is there:
 
-==============================  ============================================================
-``run.json``                    model, dataset, layers and settings of the run
-``netdissect.json``             :meth:`DissectionResult.to_json <dissect.netdissect.
-                                DissectionResult.to_json>` (its ``meta["tokens"]``, when
-                                present, says which layers were read from token outputs)
-``units/<layer>/unit_K.png``    top images with the active region outlined
-                                (:func:`render_unit_images`)
-``actmax/<layer>/unit_K.png``   activation-maximization images
-``actmax/*.json``               :meth:`ActmaxResult.to_json <dissect.actmax.ActmaxResult.
-                                to_json>` (values reached; images drawn when no PNG is there)
-``deconv/<layer>/unit_K.png``   deconvnet patches
-``explanations/<layer>.json``   ``dissect explain``: each unit's compositional explanation
-                                (:class:`~dissect.netdissect.ExplanationResult`), on its card
-``ablation/*.json``             ``dissect ablate``: :class:`~dissect.ablation.AblationResult`
-                                per layer, the top detectors' effect on its page
-``probes.json``                 :meth:`ProbeResult.to_json <dissect.probes.ProbeResult.to_json>`
-``attribution/attribution.json``  photographs and their attribution overlays
-``layers/*.json``               ``dissect similarity``: CKA (:class:`~dissect.similarity.
-                                SimilarityResult`), intrinsic dimension and relative contrast
-                                curves, a PCA embedding (``layers/labels.npy`` colours it) and
-                                nearest examples (``layers/nearest.json``, thumbnails)
-==============================  ============================================================
+==================================  ============================================================
+``run.json``                        model, dataset, layers and settings of the run
+``netdissect.json``                 :meth:`DissectionResult.to_json <dissect.netdissect.
+                                    DissectionResult.to_json>` (its ``meta["tokens"]``, when
+                                    present, says which layers were read from token outputs)
+``units/<layer>/unit_K.png``        top images with the active region outlined
+                                    (:func:`render_unit_images`)
+``actmax/<layer>/unit_K.png``       activation-maximization images
+``actmax/*.json``                   :meth:`ActmaxResult.to_json <dissect.actmax.ActmaxResult.
+                                    to_json>` (values reached; images drawn when no PNG is there)
+``deconv/<layer>/unit_K.png``       deconvnet patches
+``explanations/<layer>.json``       ``dissect explain``: each unit's compositional explanation
+                                    (:class:`~dissect.netdissect.ExplanationResult`), on its card
+``ablation/*.json``                 ``dissect ablate``: :class:`~dissect.ablation.AblationResult`
+                                    per layer, the top detectors' effect on its page
+``probes.json``                     :meth:`ProbeResult.to_json <dissect.probes.ProbeResult.to_json>`
+``attribution/attribution.json``    photographs and their attribution overlays
+``layers/*.json``                   ``dissect similarity``: CKA (:class:`~dissect.similarity.
+                                    SimilarityResult`), intrinsic dimension and relative contrast
+                                    curves, a PCA embedding (``layers/labels.npy`` colours it) and
+                                    nearest examples (``layers/nearest.json``, thumbnails)
+==================================  ============================================================
 
 The site goes to ``RESULTS/report/`` (``index.html``, one page per layer, ``attribution.html``),
 with its images copied next to it, so the folder can be moved or zipped on its own. No network,
@@ -315,9 +315,9 @@ def write_report(results: str | Path, out_dir: str | Path | None = None) -> Path
             entries.append(e)
         (report / "attribution.html").write_text(
             pages.page("attribution maps", pages.attribution_body(entries), nav))
+        methods = list(dict.fromkeys(m for e in entries for m in e["maps"]))
         body.append('<h2>Attribution maps</h2><p><a href="attribution.html">'
-                    f"{len(entries)} photographs</a>: Integrated Gradients, Grad-CAM, "
-                    "occlusion.</p>")
+                    f"{len(entries)} photographs</a>: {pages.esc(', '.join(methods))}.</p>")
     if has_layers:
         (report / "layers.html").write_text(
             pages.page("layers: similarity and geometry", _layers_page(results, report), nav))
