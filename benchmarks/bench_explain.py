@@ -47,6 +47,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import machine_text, maxrss_mib  # noqa: E402
+from bench_netdissect import make_model, open_broden  # noqa: E402  (the same model and reader)
 
 from dissect.datasets import Broden, SyntheticConcepts, write_broden  # noqa: E402
 from dissect.hooks import capture  # noqa: E402
@@ -60,21 +61,6 @@ LENGTH = 3
 BEAM = 5
 QUANTILE = 0.005
 TARGET_S = 600.0
-
-
-def make_model() -> torch.nn.Module:
-    import torchvision
-
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(weights=None).eval()
-
-
-def open_broden(root: Path) -> Broden:
-    from dissect.models import Preprocess
-
-    broden = Broden(root)
-    broden.transform = Preprocess().without_resize()
-    return broden
 
 
 def timed(fn: Any) -> tuple[float, Any]:
