@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # layer "0" is 64 KiB a row, 1.5 MiB in all) and print one JSON line describing the outcome.
 # argv[2] says what goes wrong: "none"; "limit" (the file-size limit, RLIMIT_FSIZE, is below
 # the store's size from the start); "limit-mid" (the limit drops below the file's size after
-# 10 images); "fill-mid" (another file fills the disk after 10 images; argv[3] is where).
+# 20 images); "fill-mid" (another file fills the disk after 20 images; argv[3] is where).
 CHILD = textwrap.dedent("""
     import json, os, resource, signal, sys
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
@@ -54,7 +54,10 @@ CHILD = textwrap.dedent("""
             return 24
         def __getitem__(self, i):
             self.reads += 1
-            if self.reads == 5 + 10:  # after the 5 identity rows and 10 captured ones
+            # after the 5 identity rows and 20 captured ones: batches 0-4 were handed to the
+            # writer, whose queue holds at most 2 and writes 1, so rows 0-7 are surely on disk
+            # (at 10 rows a slow writer thread could still be on batch 0: a race under load)
+            if self.reads == 5 + 20:
                 if mode == "limit-mid":
                     size = os.path.getsize(path)
                     resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, resource.RLIM_INFINITY))
@@ -202,7 +205,7 @@ def test_a_disk_filling_up_is_a_store_error_and_a_rerun_after_freeing_space_resu
     store, filler = tmp_path / "disk" / "acts.h5", tmp_path / "disk" / "filler"
     child = f"{sys.executable} {tmp_path}/child.py"
     # in one private mount namespace: a 4 MiB tmpfs (the store needs about 2.6 MiB); another
-    # file fills it after 10 images; the state is copied out; the filler is deleted and the
+    # file fills it after 20 images; the state is copied out; the filler is deleted and the
     # same capture runs again
     _in_tmpfs(tmp_path, "4m",
               f"{child} {store} fill-mid {filler} > {tmp_path}/first.json "
