@@ -79,6 +79,7 @@ def progress_bar(
     iterable: Iterable[Any] | None = None,
     initial: int = 0,
     outer: bool = False,
+    unit_scale: bool = False,
 ) -> tqdm:
     """A tqdm bar for a long loop.
 
@@ -100,6 +101,8 @@ def progress_bar(
         A top-level stage (capture, counting) that the user waits for: shown at once and left
         on screen. Inner loops (``outer=False``) appear only after :data:`DELAY_S` seconds and
         are cleared when done, and a loop of fewer than 2 steps shows none.
+    unit_scale
+        Show counts with binary prefixes (``233k/1.2G B``): for byte counts.
 
     Returns
     -------
@@ -113,10 +116,12 @@ def progress_bar(
         total = len(iterable)  # type: ignore[arg-type]
     tiny = total is not None and total < 2 and not outer
     disable = not enabled or tiny
+    scale = {"unit_scale": unit_scale, "unit_divisor": 1024 if unit_scale else 1000}
     if disable or is_terminal():
         return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial,
-                    disable=disable, delay=0 if outer else DELAY_S, leave=outer)
+                    disable=disable, delay=0 if outer else DELAY_S, leave=outer, **scale)
     return PlainBar(iterable, total=total, desc=desc or "progress", unit=unit, initial=initial,
+                    **scale,
                     file=_Lines(), leave=outer, delay=0 if outer else PLAIN_INTERVAL_S,
                     mininterval=PLAIN_INTERVAL_S, maxinterval=max(PLAIN_INTERVAL_S, 10.0),
                     ascii=True, dynamic_ncols=False, ncols=None,

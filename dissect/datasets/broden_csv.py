@@ -23,9 +23,16 @@ def short(text: str, limit: int = 60) -> str:
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
-def read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
-    """The rows of a CSV file as ``(line number, row dict)``, header and rows checked."""
-    text = read_utf8_text(path, shown(path), _MISSING_HINT, "Broden CSV files are UTF-8")
+def read_csv(path: Path, required: tuple[str, ...], *, missing_hint: str = _MISSING_HINT,
+             origin: str = "this Broden folder",
+             whole_lines: bool = True) -> list[tuple[int, dict[str, str]]]:
+    """The rows of a CSV file as ``(line number, row dict)``, header and rows checked.
+
+    ``missing_hint`` ends the message for a missing file, ``origin`` names where the file should
+    come from; ``whole_lines`` refuses a file whose last line has no line break (every Broden
+    writer ends each line with one, so a file without it was cut short), which is too harsh for
+    CSV files people write by hand."""
+    text = read_utf8_text(path, shown(path), missing_hint, "CSV files must be UTF-8")
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         lines = [(reader.line_num, row) for row in reader if row]
@@ -37,7 +44,7 @@ def read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str,
         raise DataError(f"{path} line {reader.line_num}: {reason}") from None
     if not lines:
         raise DataError(f"{path} is empty: expected a header with columns {list(required)}")
-    if not text.endswith(("\n", "\r")):  # every Broden writer ends each line with a break
+    if whole_lines and not text.endswith(("\n", "\r")):
         raise DataError(f"{path} line {lines[-1][0]}: the file ends inside this line (no line "
                         "break after it): it may be cut short; if it is complete, end it with a "
                         "line break")
@@ -51,7 +58,7 @@ def read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str,
     missing = [c for c in required if c not in header]
     if missing:
         raise DataError(f"{path} line {line}: header {columns} lacks the columns {missing}; is "
-                        "the file cut short, or not from this Broden folder?")
+                        f"the file cut short, or not from {origin}?")
     for line, row in lines[1:]:
         if len(row) != len(header):
             raise DataError(
