@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from .broden import Broden
 from .images import ImageFolder, SampleImages
+from .segmentation_folder import SegmentationFolder
 from .synthetic import SyntheticConcepts
 
 __all__ = ["ACCEPTED_SPECS", "open_dataset", "resolve_data"]
@@ -24,7 +25,8 @@ DEFAULT_SYNTHETIC_SIZE = 1000
 
 #: The accepted data-source specs, as named in error messages.
 ACCEPTED_SPECS = ("'synthetic' or 'synthetic:N', 'broden:PATH', a Broden folder (with an "
-                  "index.csv), 'samples' or a folder of images")
+                  "index.csv), a segmentation folder (with a labels.csv), 'samples' or a "
+                  "folder of images")
 
 
 def open_dataset(spec: str, transform: Callable | None = None) -> Dataset:
@@ -35,8 +37,9 @@ def open_dataset(spec: str, transform: Callable | None = None) -> Dataset:
     spec
         ``"synthetic"`` or ``"synthetic:N"`` for :class:`SyntheticConcepts` (N images, default
         1000, 112 px, seed 0); ``"broden:PATH"`` or a folder holding an ``index.csv`` for
-        :class:`Broden`; ``"samples"`` for :class:`SampleImages` (the bundled photographs); any
-        other folder for :class:`ImageFolder`.
+        :class:`Broden`; a folder holding a ``labels.csv`` (and no ``index.csv``) for
+        :class:`SegmentationFolder`; ``"samples"`` for :class:`SampleImages` (the bundled
+        photographs); any other folder for :class:`ImageFolder`.
     transform
         Applied to each image.
 
@@ -61,6 +64,8 @@ def open_dataset(spec: str, transform: Callable | None = None) -> Dataset:
         return Broden(spec.partition(":")[2], transform=transform)
     if (Path(spec) / "index.csv").is_file():
         return Broden(spec, transform=transform)
+    if (Path(spec) / "labels.csv").is_file():
+        return SegmentationFolder(spec, transform=transform)
     if spec == "samples":
         return SampleImages(transform)
     if Path(spec).is_dir():
