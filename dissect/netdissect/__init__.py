@@ -40,7 +40,9 @@ Layout of this package
 - :mod:`.result`: :class:`UnitResult` and :class:`DissectionResult`;
 - :mod:`.explain`: :func:`explain`, compositional explanations (Mu & Andreas, NeurIPS 2020):
   formulas of concepts (AND, OR, AND NOT) found by beam search with exact IoUs
-  (:mod:`.explain_counts`, :mod:`.explain_search`, :mod:`.explain_result`).
+  (:mod:`.explain_counts`, :mod:`.explain_search`, :mod:`.explain_result`);
+- :mod:`.published`: :func:`read_netdissect_csv` (NetDissect / NetDissect-Lite result CSVs) and
+  :func:`compare_results` (two dissections, unit by unit).
 """
 
 from .explain import explain
@@ -50,9 +52,11 @@ from .explain_result import (
     load_explanations,
     save_explanations,
 )
+from .published import Comparison, LayerComparison, compare_results, read_netdissect_csv
 from .result import DissectionResult, UnitResult
 from .run import dissect
 from .tally import ENGINES, IoUTally
 
-__all__ = ["ENGINES", "DissectionResult", "Explanation", "ExplanationResult", "IoUTally",
-           "UnitResult", "dissect", "explain", "load_explanations", "save_explanations"]
+__all__ = ["ENGINES", "Comparison", "DissectionResult", "Explanation", "ExplanationResult",
+           "IoUTally", "LayerComparison", "UnitResult", "compare_results", "dissect", "explain",
+           "load_explanations", "read_netdissect_csv", "save_explanations"]

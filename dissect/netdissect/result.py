@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,14 @@ class DissectionResult:
             A dissected layer.
         category
             Only consider concepts of this category (best concept per category).
+
+        Notes
+        -----
+        NaN cells of :meth:`iou` are unknown IoUs (a result read from published CSVs by
+        :meth:`from_netdissect_csv` knows only each unit's best concept per category) and are
+        passed over. A unit whose cells are all NaN (nothing known about it) gets an empty
+        concept name, IoU NaN and is never a detector; its category is ``category``, or the
+        first category when none is given. Ties go to the first concept in :attr:`concepts`.
         """
         iou = self.iou(layer)
         thr = self.thresholds(layer)
@@ -107,11 +116,20 @@ class DissectionResult:
             if category not in self.categories:
                 raise DissectError(f"unknown category {category!r}; have {self.categories}")
             cols = np.array([i for i, c in enumerate(self.concepts) if c.category == category])
+        if cols.size == 0:
+            return []
+        sub = iou[:, cols]
+        known = ~np.isnan(sub)
+        best = np.argmax(np.where(known, sub, -np.inf), axis=1)  # np.nanargmax, all-NaN safe
+        unknown = (category if category is not None
+                   else self.categories[0] if self.categories else "")
         out = []
         for unit in range(iou.shape[0]):
-            if cols.size == 0:
-                break
-            j = int(cols[np.argmax(iou[unit, cols])])
+            if not known[unit].any():
+                out.append(UnitResult(layer, unit, "", unknown, float("nan"), float(thr[unit]),
+                                      False))
+                continue
+            j = int(cols[best[unit]])
             c = self.concepts[j]
             value = float(iou[unit, j])
             out.append(UnitResult(layer, unit, c.name, c.category, value, float(thr[unit]),
@@ -125,7 +143,9 @@ class DissectionResult:
     def summary(self) -> str:
         """Per layer: detectors, unique concepts, detectors per category; then the layers
         holding non-finite activations (``meta["nonfinite"]``), if any."""
-        lines = [f"Network Dissection (quantile={self.quantile}, IoU > {self.iou_threshold})"]
+        how = ("read from NetDissect CSVs" if self.meta.get("source") == "netdissect-csv"
+               else f"quantile={self.quantile}")
+        lines = [f"Network Dissection ({how}, IoU > {self.iou_threshold})"]
         header = f"{'layer':<20} {'units':>6} {'detectors':>9} {'unique':>6}  per category"
         lines.append(header)
         for layer in self.layers:
@@ -146,9 +166,10 @@ class DissectionResult:
         rows = []
         for u in self.units(layer):
             row: list[Any] = [u.unit, u.category, u.concept, f"{u.iou:.6f}"]
-            for c in self.categories:  # a category without scored concepts has empty cells
-                best = per_cat[c][u.unit] if per_cat[c] else None
-                row += [best.concept, f"{best.iou:.6f}"] if best else ["", ""]
+            for c in self.categories:  # a category without scored concepts (or without a
+                best = per_cat[c][u.unit] if per_cat[c] else None  # known IoU): empty cells
+                known = best is not None and np.isfinite(best.iou)
+                row += [best.concept, f"{best.iou:.6f}"] if known else ["", ""]
             rows.append(row)
         return rows
 
@@ -217,6 +238,25 @@ class DissectionResult:
             },
         }
         return write_json(result_path(path, "netdissect.json"), data, allow_nan=True)
+
+    @classmethod
+    def from_netdissect_csv(
+        cls,
+        paths: str | Path | Sequence[str | Path] | Mapping[str, str | Path],
+        *,
+        iou_threshold: float = 0.04,
+        first_unit: int | str = "auto",
+    ) -> DissectionResult:
+        """Read NetDissect's, NetDissect-Lite's or :meth:`to_csv`'s per-unit result CSVs.
+
+        Only each unit's best concept per category is in such files: the other cells of
+        :meth:`iou` are NaN (unknown), thresholds are NaN and there are no top images. See
+        :func:`dissect.netdissect.published.read_netdissect_csv` for the formats, the layer
+        names and the unit numbering (``first_unit``).
+        """
+        from .published import read_netdissect_csv
+
+        return read_netdissect_csv(paths, iou_threshold=iou_threshold, first_unit=first_unit)
 
     @classmethod
     def from_json(cls, path: str | Path) -> DissectionResult:

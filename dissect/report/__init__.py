@@ -170,8 +170,9 @@ def _overview(run: dict[str, Any], result: Any) -> str:
     if layers:
         rows.append(("layers", ", ".join(layers)))
     if result is not None:
-        rows.append(("Network Dissection", f"quantile {result.quantile}, detector IoU > "
-                                           f"{result.iou_threshold}"))
+        how = ("read from NetDissect result CSVs" if result.meta.get("source") ==
+               "netdissect-csv" else f"quantile {result.quantile}")
+        rows.append(("Network Dissection", f"{how}, detector IoU > {result.iou_threshold}"))
     return pages.table(["", ""], rows)
 
 

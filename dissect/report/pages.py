@@ -116,7 +116,8 @@ def unit_card(unit: Any, images: dict[str, str], color: str,
         f'data-category="{esc(unit.category)}" data-detector="{det}">',
         f'<h3><span>unit {unit.unit}</span><span class="label">{esc(unit.concept)}</span></h3>',
         f'<div class="meta"><span class="chip">{esc(unit.category)}</span> IoU {unit.iou:.3f}'
-        f" &middot; threshold {unit.threshold:.4g}</div>",
+        + (f" &middot; threshold {unit.threshold:.4g}" if np.isfinite(unit.threshold) else "")
+        + "</div>",
     ]
     if formula is not None:
         parts.append(f'<div class="meta formula">formula <b>{esc(formula.formula)}</b> IoU '
@@ -213,11 +214,14 @@ def layer_body(result: Any, layer: str, images: dict[int, dict[str, str]], chart
         parts = "its patch tokens, prefix tokens left out," if layout.prefix else "its map"
         read = (f" Read from token outputs ({esc(token_note(layout))}): a unit is a channel of "
                 f"{parts} laid out on the patch grid like a convolution's map.")
+    how = (f"threshold quantile {result.quantile}.{note}{read} Top images: the region where "
+           "the unit's upsampled activation exceeds its threshold is outlined, the rest dimmed.")
+    if result.meta.get("source") == "netdissect-csv":  # DissectionResult.from_netdissect_csv
+        how = ("read from NetDissect result CSVs: only each unit's best concept per category "
+               f"is known; no thresholds or images.{note}")
     return (
         f'<p class="meta">{len(units)} units, {len(det)} detectors (IoU &gt; '
-        f"{result.iou_threshold}), threshold quantile {result.quantile}.{note}{read} Top "
-        "images: the region where the unit's upsampled activation exceeds its threshold is "
-        "outlined, the rest dimmed.</p>"
+        f"{result.iou_threshold}), {how}</p>"
         + figure(chart, f"detectors per concept in {layer}") + ablation
         + controls + f'<div id="gallery" class="gallery">{cards}</div>'
     )
