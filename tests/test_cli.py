@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import cv2
 import numpy as np
 import pytest
@@ -83,6 +85,8 @@ COMMON = {  # the common options each subcommand takes: those its run() passes o
     "actmax": {"--device", "--batch-size"},
     "invert": {"--device", "--batch-size"},
     "report": set(),
+    "compare": set(),
+    "data check": set(), "data broden": set(), "data resize": set(),
 }
 
 
@@ -91,20 +95,26 @@ def test_each_subcommand_has_exactly_the_common_options_it_uses(capsys):
     import inspect
 
     from dissect.cli import COMMANDS, build_parser
+    from dissect.cli.data import ACTIONS
 
-    assert set(COMMON) == set(COMMANDS)
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    for name in COMMANDS:
-        options = {o for a in sub.choices[name]._actions for o in a.option_strings}
+    commands = [c for c in COMMANDS if c != "data"] + [f"data {a}" for a in ACTIONS]
+    assert set(COMMON) == set(commands)
+    for name in commands:
+        parser = build_parser()
+        for word in name.split():  # `data check`: the group's parser, then the action's
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            parser = sub.choices[word]
+        options = {o for a in parser._actions for o in a.option_strings}
         assert options & ALL == COMMON[name], name
         assert {"--quiet", "--verbose"} <= options, name
         with pytest.raises(SystemExit):
-            main([name, "--help"])
+            main([*name.split(), "--help"])
         text = capsys.readouterr().out
         for option in ALL | {"--quiet", "--verbose"}:
             assert (option in text) == (option in COMMON[name] | {"--quiet", "--verbose"}), \
                 (name, option)
-        source = inspect.getsource(importlib.import_module(f"dissect.cli.{name}").run)
+        module = f"dissect.cli.{name.replace(' ', '.')}"
+        source = inspect.getsource(importlib.import_module(module).run)
         for option in COMMON[name]:  # each option listed is passed on by run()
             assert f"args.{option[2:].replace('-', '_')}" in source, (name, option)
 

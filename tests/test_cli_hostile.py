@@ -14,6 +14,7 @@ import errno
 import io
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +31,11 @@ import torch
 
 import dissect.cli
 from dissect.cli import COMMANDS, build_parser, main
+from dissect.cli.data import ACTIONS as DATA_ACTIONS
+
+# every runnable command line: `dissect data` is a group of actions, each its own command
+CLI_COMMANDS = tuple(c for c in COMMANDS if c != "data") + tuple(
+    f"data {a}" for a in DATA_ACTIONS)
 
 TINY = '''
 from collections import OrderedDict
@@ -114,6 +120,11 @@ class Env:
         np.save(self.labels_npy, np.arange(8) % 3)
         self.labels_txt = root / "labels.txt"
         self.labels_txt.write_text("\n".join(str(i % 2) for i in range(8)))
+        from dissect.datasets import SyntheticConcepts, write_broden
+
+        self.broden = write_broden(SyntheticConcepts(4, size=32, seed=0), root / "broden")
+        self.brodens = root / "brodens"  # holds broden1_224: `data broden` has nothing to fetch
+        shutil.copytree(self.broden, self.brodens / "broden1_224")
         self.store = root / "store.h5"
         self.results = root / "results"
         with contextlib.redirect_stdout(io.StringIO()):
@@ -234,6 +245,11 @@ def base(env: Env, command: str, tag: str) -> list[str]:
         "invert": [env.model, "--layer", "conv2", "--image", str(env.png),
                    "--out", str(r / tag), "--steps", "2", "--size", "16", *run],
         "report": [str(env.results), "--out", str(r / tag), "--quiet"],
+        "compare": [str(env.results), str(env.results), "--quiet"],
+        "data check": [str(env.broden), "--quiet"],
+        "data broden": [str(env.brodens), "--url", "http://127.0.0.1:9/broden1_224.zip",
+                        "--quiet"],
+        "data resize": [str(env.broden), str(r / tag), "--size", "16", "--quiet"],
         "demo": ["--out", str(r / tag), "--fast", *run],
     }[command]
 
@@ -241,9 +257,10 @@ def base(env: Env, command: str, tag: str) -> list[str]:
 # ---------------------------------------------------------------- targeted invocations
 
 def test_every_base_invocation_succeeds(env):
-    for command in COMMANDS:
+    for command in CLI_COMMANDS:
         if command != "demo":  # a minute of real MobileNetV2: tests/test_demo.py runs it
-            code, _, err = invoke([command, *base(env, command, f"ok_{command}")])
+            tag = f"ok_{command.replace(' ', '_')}"
+            code, _, err = invoke([*command.split(), *base(env, command, tag)])
             assert code == 0 and "Traceback" not in err, (command, err)
 
 
@@ -508,7 +525,16 @@ SPECIAL = {
     "results": ["{results}", "{afile}", "{folder}", "{missing}", "{empty_dir}"],
     "device": ["cpu", "cuda", "cuda:9", "meta", "tpu", "", "☃"],
     "pool": ["mean", "max", "none", "1", "2", "0"],
+    "a": ["{results}", "{results}/netdissect.json", "{afile}", "{folder}", "{missing}",
+          "{empty_dir}", "{png}", "{store}", "{broden}/index.csv"],
+    "folder": ["{broden}", "{imgs}", "{afile}", "{folder}", "{missing}", "{empty_dir}",
+               "{results}", "{png}"],
+    "src": ["{broden}", "{imgs}", "{afile}", "{folder}", "{missing}", "{empty_dir}"],
+    "dir": ["{brodens}", "{folder}", "{afile}", "{missing}", "{ro}", "{long}"],
 }
+# options drawn only from their own pool: a file written there must not land on a fixture
+OWN = {"json": ["{root}/fuzz.json", "{afile}/x.json", "{folder}", "{missing}/x.json", "{ro}",
+                "{long}/x.json", "", "."]}
 # values beyond these are parsed but not run here: they are slow by request, not broken
 RUN_LIMITS = {"steps": 64, "samples": 64, "size": 64, "input_size": 256, "unit_images": 64,
               "tile": 256, "num_workers": 0}
@@ -517,16 +543,20 @@ MAX_RUNS = int(os.environ.get("DISSECT_FUZZ_RUNS", 150))
 
 
 def _options(command: str) -> dict[str, argparse.Action]:
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    parser = sub.choices[command]
+    parser = build_parser()
+    for word in command.split():  # "data check": the data group's parser, then the action's
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[word]
     return {a.dest: a for a in parser._actions}
 
 
 def _fill(text: str, env: Env) -> str:
-    return text.format(**{k: str(v) for k, v in vars(env).items()})
+    return str(text).format(**{k: str(v) for k, v in vars(env).items()})  # choices: ints too
 
 
 def _value(action: argparse.Action, rng: random.Random, env: Env) -> str:
+    if action.dest in OWN:
+        return _fill(rng.choice(OWN[action.dest]), env)
     pools = [HOSTILE, PATHS]
     if action.dest in SPECIAL:
         pools += [SPECIAL[action.dest]] * 4
@@ -602,6 +632,9 @@ def _plan(argv: list[str]) -> tuple[str, str]:
         if spec == "synthetic" or (spec.startswith("synthetic:") and count.isdigit()
                                    and int(count) > 8):
             return "skip", f"--{key} {spec}"
+    if getattr(ns, "data_action", None) == "broden" and not str(
+            getattr(ns, "url", None) or "").startswith("http://127.0.0.1"):
+        return "skip", "a download from the internet"
     if ns.command == "demo":
         out = Path(ns.out)
         with contextlib.suppress(OSError):
@@ -624,8 +657,9 @@ def test_fuzz_cli_arguments(env):
             argv = rng.choice([[], ["nope"], ["--bogus"], ["☃", "x"], ["--version"], ["-h"]])
             command = "(none)"
         else:
-            command = rng.choice(COMMANDS)
-            argv = [command, *_mutate(command, base(env, command, f"f{case}"), rng, env)][:60]
+            command = rng.choice(CLI_COMMANDS)
+            argv = [*command.split(),
+                    *_mutate(command, base(env, command, f"f{case}"), rng, env)][:60]
         plan, why = _plan(argv)
         if plan == "skip" or (plan == "run" and runs >= MAX_RUNS):
             stats["parsed, not run: " + (why or "run budget spent")] += 1

@@ -22,7 +22,7 @@ from ._common import one_line, os_error_message
 
 COMMANDS = (
     "layers", "capture", "netdissect", "explain", "ablate", "probe", "similarity", "attribute",
-    "deconv", "actmax", "invert", "report", "demo",
+    "deconv", "actmax", "invert", "report", "compare", "data", "demo",
 )
 
 EPILOG = """examples:
@@ -34,7 +34,7 @@ EPILOG = """examples:
   dissect netdissect torchvision:resnet18 --weights r18.pth --dataset broden:broden1_224 \\
       --layers layer3,layer4 --out r18-dissect --device cuda
   dissect explain r18-dissect/activations.h5 --layers layer4   # formulas: (red AND circle)
-  dissect ablate torchvision:resnet18 --weights r18.pth --data ./images --layer layer4 \
+  dissect ablate torchvision:resnet18 --weights r18.pth --data ./images --layer layer4 \\
       --out r18-dissect                                     # per-class drop of each unit
   dissect probe acts.h5 --labels targets --out probes      # or --labels labels.npy
   dissect similarity acts.h5 --out results                 # CKA, intrinsic dimension, PCA
@@ -45,7 +45,11 @@ EPILOG = """examples:
   dissect actmax mobilenet_v2-imagenet --layer features.10 --units 0-63 --out actmax
   dissect invert mobilenet_v2-imagenet --layer features.6 --image cat.jpg --out inverted
   dissect report r18-dissect          # writes r18-dissect/report/index.html
-  torchrun --nproc_per_node=8 -m dissect netdissect torchvision:resnet18 --weights r18.pth \
+  dissect compare r18-dissect result/tally.csv --layers layer4=tally   # vs NetDissect-Lite
+  dissect data check ./my_masks       # validate your own concept data (SegmentationFolder)
+  dissect data broden ./dataset       # download Broden: resumable, checked, unpacked atomically
+  dissect data resize ./dataset/broden1_224 broden_64 --size 64    # for CIFAR-size networks
+  torchrun --nproc_per_node=8 -m dissect netdissect torchvision:resnet18 --weights r18.pth \\
       --dataset broden:broden1_224 --layers layer4 --out r18-dissect   # one process per GPU
   dissect demo --out demo-out
 
@@ -133,6 +137,18 @@ def configure_logging(quiet: bool = False, verbose: bool = False) -> logging.Han
     return handler
 
 
+def _command_parser(parser: argparse.ArgumentParser,
+                    args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command ``args`` chose: ``dissect data check``'s for that action."""
+    for dest in ("command", "data_action"):
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)),
+                   None)
+        if sub is None or getattr(args, dest, None) is None:
+            break
+        parser = sub.choices[getattr(args, dest)]
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dissect`` console script."""
     # OpenCV's own decoder warnings ("[ WARN:0@...] ...") would precede our one-line error
@@ -140,17 +156,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:  # name the subcommand, whose --help lists what it takes
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # name the (sub)command, whose --help lists what it takes
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     configure_logging(quiet=args.quiet, verbose=args.verbose)
+    name = " ".join(filter(None, (args.command, getattr(args, "data_action", None))))
     try:
         return args.func(args)
     except DissectError as exc:
-        sys.stderr.write(f"dissect {args.command}: error: {one_line(exc) or type(exc).__name__}\n")
+        sys.stderr.write(f"dissect {name}: error: {one_line(exc) or type(exc).__name__}\n")
         return 1
     except OSError as exc:  # a path the operating system refused: name it, no traceback
-        sys.stderr.write(f"dissect {args.command}: error: {os_error_message(exc)}\n")
+        sys.stderr.write(f"dissect {name}: error: {os_error_message(exc)}\n")
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; a rerun of the same command resumes where it stopped\n")
