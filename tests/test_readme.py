@@ -10,8 +10,8 @@ otherwise. Directives, one per comment line, ``<!-- readme-test: DIRECTIVE -->``
 - ``skip-command "PREFIX" (REASON)``: in a shell block, the commands starting with PREFIX are
   not run (the rest are); a warning names them with REASON.
 - ``needs-gpu``: run only where CUDA is available, else skipped.
-- ``continues "HEADING"``: the block runs after the first ```python block of the section titled
-  HEADING (which may itself continue another), in the same folder.
+- ``continues "HEADING"``: the block (python or shell) runs after the first ```python block of
+  the section titled HEADING (which may itself continue another), in the same folder.
 - ``shrink "OLD" -> "NEW"``: replace OLD by NEW in the block (and in the blocks it continues)
   before running it: smaller sizes only, so the suite stays fast; the README shows the real ones.
 
@@ -190,6 +190,11 @@ def test_readme_block(block: Block, tmp_path: Path):
         script.write_text(code, encoding="utf-8")
         run([sys.executable, str(script)], tmp_path, f"README {block.id} (python)")
         return
+    before = chain(block)[:-1]  # a shell block that continues a section: its python first
+    if before:
+        script = tmp_path / "snippet.py"
+        script.write_text(shrunk("\n".join(b.code for b in before), before), encoding="utf-8")
+        run([sys.executable, str(script)], tmp_path, f"README {block.id} (python before it)")
     omit = [SKIP_COMMAND.match(d).groups() for d in block.directives
             if d.startswith("skip-command")]
     for cmd in commands(shrunk(block.code, [block])):
