@@ -289,3 +289,26 @@ def test_nan_safe_units():
     assert (b.concept, b.category, b.is_detector) == ("", "object", False) and math.isnan(b.iou)
     (t, _) = r.units("l", "texture")
     assert t.concept == "" and t.category == "texture" and math.isnan(t.iou)
+
+
+def test_a_best_iou_without_its_label_is_unknown_with_a_warning(tmp_path, caplog):
+    # NetDissect's own published ResNet-152 CSVs (plot/ of CSAILVision/NetDissect) leave the
+    # texture label empty on hundreds of rows while giving its counts and IoU; such a cell is
+    # unknown (NaN), never a concept named "", and a warning counts the rows
+    text = LITE.replace(",striped,3000.0,1000.0,190.0,0.04986876640419816,",
+                        ",,3000.0,1000.0,190.0,0.04986876640419816,", 1)
+    assert text != LITE
+    path = write(tmp_path, text)
+    with caplog.at_level("WARNING", logger="dissect.netdissect.published"):
+        result = read_netdissect_csv(path)
+    assert "1 rows (first on line 3) give a category's best IoU without its label" in caplog.text
+    row = [c.name for c in result.concepts].index("striped")
+    iou = result.iou("layer4")
+    assert math.isnan(iou[0, row]) and iou[5, row] == pytest.approx(0.04493207941483686)
+    assert "" not in [c.name for c in result.concepts]
+    assert [u.concept for u in result.units("layer4", "texture")][:2] == ["", "dotted"]
+    assert result.units("layer4")[0].concept == "dog"  # the unit's best named concept
+    # its counts are still checked
+    bad = text.replace(",,3000.0,1000.0,190.0,", ",,3000.0,1000.0,191.0,", 1)
+    with pytest.raises(DataError, match=r"line 3: texture-iou is 0.0498688 but"):
+        read_netdissect_csv(write(tmp_path, bad))

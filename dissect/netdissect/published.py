@@ -136,14 +136,20 @@ def _check_counts(row: dict[str, str], path: Path, line: int, cat: str, iou: flo
                         "the columns disagree; is the file damaged or edited?")
 
 
-def _parse_row(row: dict[str, str], path: Path, line: int, cats: list[str]) -> _Row:
+def _parse_row(row: dict[str, str], path: Path, line: int, cats: list[str],
+               unnamed: list[int]) -> _Row:
+    """One unit's row; the lines of cells with an IoU but no label are added to ``unnamed``."""
     unit = parse_int(row["unit"], path, line, "unit", 0, MAX_UNIT)
     best: dict[str, tuple[str, float]] = {}
     for cat in cats:
         label, value = row[f"{cat}-label"].strip(), row[f"{cat}-iou"].strip()
         if not label and not value:
             continue  # our to_csv: a category without a known IoU
-        if not label or not value:
+        if not label and value:  # NetDissect's published ResNet-152 results, texture column
+            _check_counts(row, path, line, cat, _iou(value, path, line, f"{cat}-iou"))
+            unnamed.append(line)
+            continue  # a concept without a name cannot be compared: the cell stays unknown
+        if not value:
             raise DataError(f"{path} line {line}: {cat}-label is {label!r} but {cat}-iou is "
                             f"{value!r}: give both (a label and its IoU) or neither")
         best[cat] = (label, _iou(value, path, line, f"{cat}-iou"))
@@ -219,11 +225,17 @@ def _read_file(path: Path, layer: str | None
     lite = any(f"{c}-{s}" in header for c in cats for s in COUNT_COLUMNS)
     layers: dict[str, list[_Row]] = {}
     by_column = "layer" in header
+    unnamed: list[int] = []
     for line, row in rows:
         name = row["layer"].strip() if by_column else layer or layer_from_file(path)
         if not name:
             raise DataError(f"{path} line {line}: the layer column is empty")
-        layers.setdefault(name, []).append(_parse_row(row, path, line, cats))
+        layers.setdefault(name, []).append(_parse_row(row, path, line, cats, unnamed))
+    if unnamed:
+        log.warning("%s: %d rows (first on line %d) give a category's best IoU without its "
+                    "label (NetDissect's published ResNet-152 results do, for texture); those "
+                    "cells are left unknown (NaN), so a unit's best concept is its best named "
+                    "one", path, len(unnamed), unnamed[0])
     return cats, layers, lite
 
 
