@@ -13,6 +13,14 @@ image-level labels and flags of every item, in batches of 64, one process. "deco
 time, as every run did before the cache, and as NetDissect-Lite does); "cache" is the same call
 reading the cache written by a first pass (timed too). Medians of 5 alternating repeats; the
 ratio is decode over cache (target >= 5x).
+
+The segmentation-folder rows write the same Broden data as a ``SegmentationFolder`` (the same
+JPEG files, one mask PNG per pixel-level category, 8-bit here, see :func:`write_folder`; the folder
+holds fewer planes than the Broden, as its two part planes merge into one) and time, one process,
+``annotations(i)`` of every item (``annotation_batches(..., cache=False)``, as above), full items
+``ds[i]`` (the image decoded too) and ``check_dataset`` (what ``dissect data check`` waits for),
+each against the same on the Broden. Medians of alternating repeats (after one warm-up each);
+"(0.80x Broden)" is the folder's time over the Broden's (above 1: the folder is slower).
 """
 
 from __future__ import annotations
@@ -20,11 +28,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -32,6 +43,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dissect.datasets import Broden, SyntheticConcepts, collate, write_broden  # noqa: E402
+from dissect.datasets.check import check_dataset  # noqa: E402
+from dissect.datasets.segmentation_folder import SegmentationFolder  # noqa: E402
 
 
 def _rate(count: int, seconds: float) -> float:
@@ -95,8 +108,6 @@ def bench_pil_loop(root: Path) -> dict:
 
 def bench_annotation_cache(root: Path, cache: Path, repeats: int) -> list[dict]:
     """Annotations from the cache vs decoded from the PNGs (see the module docstring)."""
-    import statistics
-
     from dissect.datasets.annotation_cache import annotation_batches
 
     ds = Broden(root)
@@ -123,6 +134,97 @@ def bench_annotation_cache(root: Path, cache: Path, repeats: int) -> list[dict]:
         {"what": f"annotations: from the cache ({d / c:.1f}x decode)", "items": len(ds),
          "seconds": c, "items_per_s": _rate(len(ds), c)},
     ]
+
+
+def write_folder(broden: Path, out: Path) -> int:
+    """Write the Broden at ``broden`` as a segmentation folder at ``out``; return its planes.
+
+    ``labels.csv`` is the Broden's concept table (rows in category order, then by number);
+    ``images/<id>.jpg`` are copies of its JPEG files (the same bytes, so both decode the same
+    images); ``masks/<id>.<category>.png`` hold one plane per pixel-level category per item,
+    8-bit when every label number is below 256, else 16-bit; ``image_labels.csv`` the
+    image-level labels. A SegmentationFolder has ONE plane per category, so a category with
+    several Broden planes (SyntheticConcepts' two ``part`` planes) is merged into one, later
+    planes over earlier ones where they are non-zero: the folder then holds fewer planes than
+    the Broden (and loses the overlap of the merged planes).
+    """
+    ds = Broden(broden)
+    order = {c: k for k, c in enumerate(ds.categories)}
+    concepts = sorted(ds.concepts, key=lambda c: (order[c.category], c.number))
+    dtype = np.uint8 if max(c.number for c in concepts) < 256 else np.uint16
+    (out / "images").mkdir(parents=True)
+    (out / "masks").mkdir()
+    with open(out / "labels.csv", "w", encoding="utf-8") as f:
+        f.write("number,name,category\n")
+        f.writelines(f"{c.number},{c.name},{c.category}\n" for c in concepts)
+    planes, image_rows = 0, []
+    for i in range(len(ds)):
+        ident = f"{i:06d}"
+        shutil.copyfile(ds.filename(i), out / "images" / f"{ident}{ds.filename(i).suffix}")
+        item = ds.annotations(i)
+        pixel_cats = ds.item_categories(i)[0]
+        merged: dict[str, np.ndarray] = {}
+        for cat, plane in zip(pixel_cats, item["pixel_labels"].numpy(), strict=True):
+            if cat in merged:
+                merged[cat] = np.where(plane != 0, plane, merged[cat])
+            else:
+                merged[cat] = plane
+        for cat, plane in merged.items():
+            if not cv2.imwrite(str(out / "masks" / f"{ident}.{cat}.png"), plane.astype(dtype)):
+                raise OSError(f"could not write the {cat} mask of item {i}")
+        planes += len(merged)
+        image_rows += [(ident, int(n)) for n in item["image_labels"].tolist()]
+    with open(out / "image_labels.csv", "w", encoding="utf-8") as f:
+        f.write("image,number\n")
+        f.writelines(f"{ident},{n}\n" for ident, n in image_rows)
+    return planes
+
+
+def bench_folder(broden: Path, folder: Path, repeats: int) -> list[dict]:
+    """SegmentationFolder vs Broden: annotations, full items, check_dataset (module docstring)."""
+    from dissect.datasets.annotation_cache import annotation_batches
+
+    sets = {"folder": SegmentationFolder(folder), "broden": Broden(broden)}
+    n = len(sets["broden"])
+    assert len(sets["folder"]) == n
+    planes = {k: sum(len(ds.item_categories(i)[0]) for i in range(n)) for k, ds in sets.items()}
+    roots = {"folder": folder, "broden": broden}
+
+    def annotations(key: str) -> float:
+        start = time.perf_counter()
+        with annotation_batches(sets[key], np.arange(n), 64, cache=False) as batches:
+            for _ in batches:
+                pass
+        return time.perf_counter() - start
+
+    def items(key: str) -> float:
+        ds = sets[key]
+        start = time.perf_counter()
+        for i in range(n):
+            ds[i]
+        return time.perf_counter() - start
+
+    def check(key: str) -> float:
+        start = time.perf_counter()
+        check_dataset(roots[key], progress=False)
+        return time.perf_counter() - start
+
+    rows = []
+    for what, run, reps in (("annotations", annotations, repeats), ("items ds[i]", items, repeats),
+                            ("check_dataset", check, max(1, repeats // 2))):
+        times: dict[str, list[float]] = {"folder": [], "broden": []}
+        for key in times:  # warm-up (file cache, imports)
+            run(key)
+        for _ in range(reps):
+            for key in times:
+                times[key].append(run(key))
+        f, b = statistics.median(times["folder"]), statistics.median(times["broden"])
+        rows.append({"what": f"SegmentationFolder {what} ({f / b:.2f}x Broden)", "items": n,
+                     "seconds": f, "items_per_s": _rate(n, f),
+                     "masks_per_s": _rate(planes["folder"], f)})
+        rows.append({"what": f"Broden {what}", "items": n, "seconds": b,
+                     "items_per_s": _rate(n, b), "masks_per_s": _rate(planes["broden"], b)})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,16 +256,24 @@ def main(argv: list[str] | None = None) -> int:
             results.append(bench_broden(root, workers, batch_size=32))
         results.append(bench_pil_loop(root))
         results.extend(bench_annotation_cache(root, root / "cache", 3 if args.quick else 5))
+        start = time.perf_counter()
+        folder_planes = write_folder(root, Path(tmp) / "folder")
+        write_seconds = time.perf_counter() - start
+        results.append({"what": f"write_folder (from the Broden, {folder_planes} masks)",
+                        "items": n, "seconds": write_seconds,
+                        "items_per_s": _rate(n, write_seconds),
+                        "masks_per_s": _rate(folder_planes, write_seconds)})
+        results.extend(bench_folder(root, Path(tmp) / "folder", 3 if args.quick else 5))
 
     print(
         f"bench_datasets ({'quick' if args.quick else 'full'}; {os.cpu_count()} CPUs, "
         f"torch {torch.__version__})"
     )
-    print(f"{'what':<46} {'items':>6} {'seconds':>8} {'items/s':>9} {'masks/s':>9}")
+    print(f"{'what':<50} {'items':>6} {'seconds':>8} {'items/s':>9} {'masks/s':>9}")
     for r in results:
         masks = f"{r['masks_per_s']:9.0f}" if "masks_per_s" in r else f"{'-':>9}"
         print(
-            f"{r['what']:<46} {r['items']:>6} {r['seconds']:>8.2f} {r['items_per_s']:>9.0f} {masks}"
+            f"{r['what']:<50} {r['items']:>6} {r['seconds']:>8.2f} {r['items_per_s']:>9.0f} {masks}"
         )
     return 0
 
