@@ -99,11 +99,13 @@ def _header_categories(path: Path, line: int, header: list[str]) -> list[str]:
                               if h.endswith("-label") and len(h) > 6))
     cats += [h[:-4] for h in header if h.endswith("-iou") and h[:-4] not in cats and len(h) > 4]
     missing += [f"{c}-{s}" for c in cats for s in ("label", "iou") if f"{c}-{s}" not in header]
-    if missing or not cats:
-        what = f"the columns {missing}" if missing else "any <category>-label, <category>-iou pair"
+    if not missing and not cats:
+        return []  # only each unit's best concept: unit, category, label, score
+    if missing:
         raise DataError(
-            f"{path} line {line}: header {','.join(header)[:200]!r} lacks {what}: expected "
-            "NetDissect's columns unit, category, label, score, then per category "
+            f"{path} line {line}: header {','.join(header)[:200]!r} lacks the columns "
+            f"{missing}: expected "
+            "NetDissect's columns unit, category, label, score, then (optionally) per category "
             "<cat>-label, <cat>-iou (and, from NetDissect or Lite, <cat>-truth, "
             "<cat>-activation, <cat>-intersect)")
     return cats
@@ -117,9 +119,11 @@ def _iou(value: str, path: Path, line: int, column: str) -> float:
     return out
 
 
-def _check_counts(row: dict[str, str], path: Path, line: int, cat: str, iou: float) -> None:
+def _check_counts(row: dict[str, str], path: Path, line: int, cat: str, iou: float,
+                  disagree: list[int]) -> None:
     """NetDissect's and Lite's ``<cat>-iou`` is ``intersect / (activation + truth -
-    intersect)``: a disagreement means the columns are not what they say."""
+    intersect)``: the lines where the counts give another IoU are added to ``disagree`` (the
+    IoU is what is read; the counts are not used, so a mismatch is warned about, not refused)."""
     cells = [row.get(f"{cat}-{s}", "").strip() for s in COUNT_COLUMNS]
     if not all(cells):
         return
@@ -131,29 +135,37 @@ def _check_counts(row: dict[str, str], path: Path, line: int, cat: str, iou: flo
     union = a + t - i
     expected = i / union if union > 0 else 0.0
     if not _close(iou, expected):
-        raise DataError(f"{path} line {line}: {cat}-iou is {iou:.6g} but {cat}-intersect / "
-                        f"({cat}-activation + {cat}-truth - {cat}-intersect) is {expected:.6g}: "
-                        "the columns disagree; is the file damaged or edited?")
+        disagree.append(line)
 
 
 def _parse_row(row: dict[str, str], path: Path, line: int, cats: list[str],
-               unnamed: list[int]) -> _Row:
-    """One unit's row; the lines of cells with an IoU but no label are added to ``unnamed``."""
+               unnamed: list[int], disagree: list[int]) -> _Row:
+    """One unit's row; the lines of cells with an IoU but no label are added to ``unnamed``,
+    those whose counts give another IoU to ``disagree``. Without per-category columns
+    (``cats`` empty) the row's ``label`` and ``score`` are its only known cell."""
     unit = parse_int(row["unit"], path, line, "unit", 0, MAX_UNIT)
     best: dict[str, tuple[str, float]] = {}
+    if not cats:
+        category, label = row["category"].strip(), row["label"].strip()
+        if not category or not label or not row["score"].strip():
+            raise DataError(f"{path} line {line}: category {category!r}, label {label!r} and "
+                            f"score {row['score'].strip()!r}: each unit needs all three")
+        score = _iou(row["score"], path, line, "score")
+        return _Row(line, unit, category, label, score, {category: (label, score)})
     for cat in cats:
         label, value = row[f"{cat}-label"].strip(), row[f"{cat}-iou"].strip()
         if not label and not value:
             continue  # our to_csv: a category without a known IoU
         if not label and value:  # NetDissect's published ResNet-152 results, texture column
-            _check_counts(row, path, line, cat, _iou(value, path, line, f"{cat}-iou"))
+            _check_counts(row, path, line, cat, _iou(value, path, line, f"{cat}-iou"),
+                          disagree)
             unnamed.append(line)
             continue  # a concept without a name cannot be compared: the cell stays unknown
         if not value:
             raise DataError(f"{path} line {line}: {cat}-label is {label!r} but {cat}-iou is "
                             f"{value!r}: give both (a label and its IoU) or neither")
         best[cat] = (label, _iou(value, path, line, f"{cat}-iou"))
-        _check_counts(row, path, line, cat, best[cat][1])
+        _check_counts(row, path, line, cat, best[cat][1], disagree)
     category, label = row["category"].strip(), row["label"].strip()
     if not row["score"].strip():
         raise DataError(f"{path} line {line}: the score column is empty; it holds the IoU of "
@@ -222,15 +234,24 @@ def _read_file(path: Path, layer: str | None
         raise DataError(f"{path} has a header but no units: is the file cut short?")
     header = list(rows[0][1])
     cats = _header_categories(path, 1, header)
-    lite = any(f"{c}-{s}" in header for c in cats for s in COUNT_COLUMNS)
+    # NetDissect's format (units from 1): its count columns, or only the four top columns
+    lite = not cats or any(f"{c}-{s}" in header for c in cats for s in COUNT_COLUMNS)
     layers: dict[str, list[_Row]] = {}
     by_column = "layer" in header
     unnamed: list[int] = []
+    disagree: list[int] = []
     for line, row in rows:
         name = row["layer"].strip() if by_column else layer or layer_from_file(path)
         if not name:
             raise DataError(f"{path} line {line}: the layer column is empty")
-        layers.setdefault(name, []).append(_parse_row(row, path, line, cats, unnamed))
+        layers.setdefault(name, []).append(_parse_row(row, path, line, cats, unnamed, disagree))
+    if disagree:
+        log.warning("%s: on %d rows (first on line %d) a category's -intersect / (-activation + "
+                    "-truth - -intersect) is not its -iou: is the file edited or damaged? The "
+                    "IoUs are read as they are (the counts are not used)", path, len(disagree),
+                    disagree[0])
+    if not cats:
+        cats = list(dict.fromkeys(r.category for rows_ in layers.values() for r in rows_))
     if unnamed:
         log.warning("%s: %d rows (first on line %d) give a category's best IoU without its "
                     "label (NetDissect's published ResNet-152 results do, for texture); those "
@@ -281,8 +302,16 @@ def read_netdissect_csv(
     DataError
         Naming the file and line: a missing column, a malformed number, an IoU outside
         [0, 1], a unit numbered twice or missing, a ``score`` that is not the IoU of
-        ``label`` in ``category`` (nor the best of the row), counts that disagree with the IoU,
-        a layer found in two files.
+        ``label`` in ``category`` (nor the best of the row), a layer found in two files.
+
+    Notes
+    -----
+    A file with only the columns ``unit, category, label, score`` is read too (each unit's
+    best concept is then its one known cell; units numbered as NetDissect's). Two things in
+    real files are read with a warning instead of refused, since neither changes what is read:
+    ``<cat>-truth/-activation/-intersect`` counts that do not give ``<cat>-iou``, and a
+    category's IoU without its label (NetDissect's own published ResNet-152 CSVs, texture
+    column: the cell is left unknown).
     """
     if not (isinstance(iou_threshold, (int, float)) and 0 <= iou_threshold <= 1):
         raise DissectError(f"iou_threshold is {iou_threshold!r}: expected a number in [0, 1]")
