@@ -76,6 +76,16 @@ def folder(tmp_path: Path) -> tuple[Path, dict]:
     return root, make_folder(root)
 
 
+def test_image_labels_name_an_id_or_a_file_name(folder) -> None:
+    root, _ = folder
+    by_id = SegmentationFolder(root)
+    (root / "image_labels.csv").write_text("image,number\nb.jpg,5\na.png,6\na,5\n")
+    by_file = SegmentationFolder(root)
+    for i in range(len(by_id)):
+        assert by_file[i]["image_labels"].tolist() == by_id[i]["image_labels"].tolist()
+        assert by_file.item_categories(i) == by_id.item_categories(i)
+
+
 def test_items_are_the_files(folder) -> None:
     root, known = folder
     ds = SegmentationFolder(root)
@@ -232,8 +242,9 @@ OPEN_ERRORS = {
                     ["images/a.png", "images/a.jpg", "id 'a'"]),
     "image label for unknown image": (_image_labels("a,5\nzz,5\n"),
                                       ["image_labels.csv line 3", "image 'zz'"]),
-    "image label with suffix": (_image_labels("a.png,5\n"),
-                                ["image_labels.csv line 2", "give the id 'a'"]),
+    "image label with another suffix": (_image_labels("a.jpg,5\n"),
+                                        ["image_labels.csv line 2", "image 'a.jpg'",
+                                         "the image of id 'a' is images/a.png"]),
     "unknown image label": (_image_labels("a,8\n"),
                             ["image_labels.csv line 2", "label 8 is not in labels.csv"]),
     "image label of a pixel category": (

@@ -184,22 +184,26 @@ def _list_masks(root: Path, categories: list[str], images: dict[str, str]) -> di
 
 def _read_image_labels(root: Path, images: dict[str, str], concepts: list[Concept],
                        pixel_masks: dict[str, str]) -> dict[str, list[tuple[str, int]]]:
-    """``{id: [(category, number), ...]}`` from ``image_labels.csv`` (if present)."""
+    """``{id: [(category, number), ...]}`` from ``image_labels.csv`` (if present); its
+    ``image`` column holds an image's ``<id>`` or its file name (``<id>.png``)."""
     path = root / "image_labels.csv"
     if not path.exists():
         return {}
     lookup = {c.number: c for c in concepts}
     seen: dict[tuple[str, int], int] = {}
     labels: dict[str, list[tuple[str, int]]] = {}
+    by_file = {name: image for image, name in images.items()}
     for line, row in read_csv(path, ("image", "number"), missing_hint=f": {FORMAT_HINT}",
                               origin="a segmentation folder", whole_lines=False):
         image = row["image"].strip()
+        if image not in images and image in by_file:  # the file name: images/<id>.png
+            image = by_file[image]
         if image not in images:
-            stem, suffix = os.path.splitext(image)
-            hint = (f"; give the id {short(stem)}, without the file suffix"
-                    if suffix.lower() in IMAGE_EXTENSIONS and stem in images else "")
-            raise DataError(f"{shown(path)} line {line}: image {short(image)} has no file "
-                            f"images/<id>.png or .jpg{hint}")
+            stem = os.path.splitext(image)[0]
+            hint = (f"; the image of id {short(stem)} is images/{images[stem]}"
+                    if stem in images else "")
+            raise DataError(f"{shown(path)} line {line}: image {short(image)} is neither an "
+                            f"<id> nor a file name of images/{hint}")
         number = parse_int(row["number"], path, line, "number", 1, MAX_LABEL)
         if number not in lookup:
             raise DataError(f"{shown(path)} line {line}: label {number} is not in labels.csv")

@@ -11,8 +11,9 @@ Layout of a segmentation folder::
                             single-channel (or palette) PNG of label numbers; the image is
                             annotated for <category> iff the file exists
       image_labels.csv      image,number           (optional: image-level labels such as
-                                                     scenes; an image is annotated for a
-                                                     label's category iff it has a row of it)
+                                                     scenes; image: the <id> or the file name;
+                                                     an image is annotated for a label's
+                                                     category iff it has a row of it)
 
 All masks share one size, the segmentation resolution; images may be of any size and are resized
 to ``size``. :func:`~dissect.datasets.write_broden` turns the folder into a Broden, and
