@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -56,6 +57,31 @@ def test_resolve_data_specs_and_objects(tmp_path: Path) -> None:
     assert resolve_data(x)[0] is x and resolve_data(x)[1] is None
     flipped, _ = resolve_data("synthetic:2", transform=lambda im: im.flip(0))
     assert torch.equal(flipped[0]["image"], SyntheticConcepts(2)[0]["image"].flip(0))
+
+
+def test_a_folder_with_labels_csv_is_a_segmentation_folder(cnn: TinyCNN,
+                                                          tmp_path: Path) -> None:
+    from dissect.datasets import SegmentationFolder
+
+    root = tmp_path / "masks_folder"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "labels.csv").write_text("number,name,category\n1,red,color\n")
+    for i in range(4):
+        image = np.zeros((16, 16, 3), np.uint8)
+        image[4 * i % 16:, :8, 0] = 255
+        write_png(root / "images" / f"{i}.png", image)
+        mask = np.zeros((8, 8), np.uint8)
+        mask[2 * i % 8:, :4] = 1
+        cv2.imwrite(str(root / "masks" / f"{i}.color.png"), mask)  # one channel
+    for given in (root, str(root)):
+        ds, spec = resolve_data(given)
+        assert isinstance(ds, SegmentationFolder) and len(ds) == 4 and spec == str(root)
+    # the spec reaches a dissection: the same IoUs as the dataset object
+    by_spec = dissect(cnn, str(root), layers=["1"], progress=False)
+    by_object = dissect(cnn, SegmentationFolder(root), layers=["1"], progress=False)
+    assert np.array_equal(by_spec.iou("1"), by_object.iou("1"))
+    assert [c.name for c in by_spec.concepts] == ["red"]
 
 
 @pytest.mark.parametrize("bad", ["synthetic:abc", "nonexistent/folder", "hello", ""])
