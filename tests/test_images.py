@@ -44,3 +44,14 @@ def test_sample_images_are_real_photographs():
     assert SampleImages(lambda x: x[:, :8, :8], names=["coffee"])[0]["image"].shape == (3, 8, 8)
     with pytest.raises(DataError, match="unavailable"):
         SampleImages(names=["unicorn"])
+
+
+def test_resize_rgb_is_area_when_no_side_grows_else_linear():
+    from dissect.datasets.images import resize_rgb
+
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    assert resize_rgb(rgb, (40, 60)) is rgb
+    for size, flag in [((20, 30), cv2.INTER_AREA), ((20, 60), cv2.INTER_AREA),
+                       ((80, 30), cv2.INTER_LINEAR), ((50, 70), cv2.INTER_LINEAR)]:
+        want = cv2.resize(rgb, size[::-1], interpolation=flag)
+        assert np.array_equal(resize_rgb(rgb, size), want), size

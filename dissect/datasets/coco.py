@@ -39,6 +39,7 @@ from .images import (
     header_size,
     read_file_bytes,
     read_utf8_text,
+    resize_rgb,
     shown,
 )
 
@@ -585,11 +586,7 @@ class CocoConcepts(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.annotations(i)
         rgb, (sh, sw) = self.read_image(item["index"]), self.segmentation_size
-        if rgb.shape[:2] != (sh, sw):
-            grows = sh > rgb.shape[0] or sw > rgb.shape[1]
-            rgb = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_LINEAR if grows
-                             else cv2.INTER_AREA)
-        image = rgb_to_tensor(rgb)
+        image = rgb_to_tensor(resize_rgb(rgb, (sh, sw)))
         if self.transform is not None:
             image = self.transform(image)
         return {"image": image, **item}

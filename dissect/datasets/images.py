@@ -257,6 +257,20 @@ def read_image(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(decode_image(data, cv2.IMREAD_COLOR, what), cv2.COLOR_BGR2RGB)
 
 
+def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An ``(H, W, 3)`` uint8 image at ``size = (h, w)``, the one rule of every concept dataset.
+
+    ``cv2.INTER_AREA`` when no side grows (each output pixel averages the input pixels it
+    covers: no aliasing), ``cv2.INTER_LINEAR`` when a side grows; the array itself when it
+    already has that size.
+    """
+    h, w = size
+    if rgb.shape[:2] == (h, w):
+        return rgb
+    grows = h > rgb.shape[0] or w > rgb.shape[1]
+    return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR if grows else cv2.INTER_AREA)
+
+
 def _to_item(rgb: np.ndarray, index: int, transform: Callable | None, name: str) -> dict:
     image = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
     if transform is not None:

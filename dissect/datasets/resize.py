@@ -13,14 +13,13 @@ import operator
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .concepts import ConceptDataset, item_categories, rgb_to_tensor
-from .images import MAX_IMAGE_PIXELS, shown
+from .images import MAX_IMAGE_PIXELS, resize_rgb, shown
 from .writer import _to_uint8_rgb, write_broden
 
 log = logging.getLogger(__name__)
@@ -117,11 +116,7 @@ class ResizedConcepts(Dataset):
             self._stretched = True
             log.warning("resizing %dx%d images to %dx%d stretches them (they are not square)",
                         h, w, self.size, self.size)
-        if (h, w) == (self.size, self.size):
-            return rgb
-        shrink = self.size * self.size < h * w
-        return cv2.resize(rgb, (self.size, self.size),
-                          interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        return resize_rgb(rgb, (self.size, self.size))
 
     def resize_planes(self, planes: np.ndarray, i: int = 0) -> np.ndarray:
         """``(P, sh, sw)`` label planes at ``(P, size // 2, size // 2)``: each output pixel

@@ -30,7 +30,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -39,7 +38,7 @@ from ..errors import DataError
 from .annotation_cache import file_stamps
 from .broden_csv import MAX_LABEL
 from .concepts import Concept, rgb_to_tensor
-from .images import MAX_IMAGE_PIXELS, read_image, shown
+from .images import MAX_IMAGE_PIXELS, read_image, resize_rgb, shown
 from .segmentation_files import FolderScan, check_mask_labels, read_mask, scan_folder
 
 __all__ = ["SegmentationFolder"]
@@ -200,12 +199,7 @@ class SegmentationFolder(Dataset):
     def resized(self, rgb: np.ndarray) -> np.ndarray:
         """``rgb`` resized to :attr:`size` (``INTER_AREA`` to shrink, ``INTER_LINEAR`` when a
         side grows; unchanged when already of that size)."""
-        h, w = self.size
-        if rgb.shape[:2] == (h, w):
-            return rgb
-        grows = h > rgb.shape[0] or w > rgb.shape[1]
-        return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR if grows
-                          else cv2.INTER_AREA)
+        return resize_rgb(rgb, self.size)
 
     def read_pixel_labels(self, i: int) -> np.ndarray:
         """The label planes of item ``i`` as a ``(P, sh, sw)`` int64 array, each mask checked
