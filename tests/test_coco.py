@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
@@ -189,8 +191,14 @@ def test_resized_masks_are_nearest_exact_and_images_area_or_linear(coco, size) -
     assert planes.shape[1:] == (h, w)
     hand = {1: rect_mask() | small_rect_mask(), 3: triangle_mask(), 4: disk_mask()}
     for number, mask in hand.items():
-        expect = cv2.resize(mask, (w, h), interpolation=NEAREST) > 0
+        # the input pixel under each output pixel's center, from exact fractions
+        rows, cols = ([math.floor(Fraction(2 * j + 1, 2 * s) * n) for j in range(s)]
+                      for n, s in zip(mask.shape, size, strict=True))
+        expect = mask[np.ix_(rows, cols)] > 0
         np.testing.assert_array_equal((planes == number).any(axis=0), expect)
+        if size == (5, 7):  # no center on a pixel boundary: OpenCV agrees
+            np.testing.assert_array_equal(expect, cv2.resize(mask, (w, h),
+                                                             interpolation=NEAREST) > 0)
     assert set(np.unique(planes)) <= {0, 1, 3, 4}
     flag = cv2.INTER_AREA if h < H1 else cv2.INTER_LINEAR
     rgb = cv2.resize(images["a.png"], (w, h), interpolation=flag)

@@ -5,8 +5,9 @@ Each COCO category is a concept, in category ``"object"``, or ``"stuff"`` when t
 image's size in the JSON; RLE masks (uncompressed lists, compressed strings) are checked (from a
 short RLE pycocotools returns uninitialized memory) and expanded. Panoptic PNGs hold segment ids
 ``R + 256 * G + 256**2 * B``. Images are resized to ``size`` with ``INTER_AREA`` (``INTER_LINEAR``
-when a side grows), labels with ``cv2.INTER_NEAREST_EXACT``: each output pixel takes the source
-pixel under its centre, never a blend, never shifted by half a pixel.
+when a side grows), labels by :func:`~dissect.datasets.images.nearest_centers`: each output
+pixel takes the source pixel under its centre (exact integer arithmetic, as
+``cv2.INTER_NEAREST_EXACT`` intends), never a blend, never shifted by half a pixel.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .images import (
     check_pixels,
     decode_image,
     header_size,
+    nearest_centers,
     read_file_bytes,
     read_utf8_text,
     resize_rgb,
@@ -46,7 +48,7 @@ from .images import (
 log = logging.getLogger(__name__)
 
 EXTRA = "pip install 'torch-dissect[coco]'"
-DECODING_VERSION = 1
+DECODING_VERSION = 2
 """Part of :meth:`CocoConcepts.cache_identity`: bump it when a change of the decoding code
 changes any item's labels, so annotation caches made by older code are not read."""
 POLYGON_SLACK = 2.0
@@ -117,13 +119,6 @@ def _polygon(poly: list, h: int, w: int, where: str) -> list[float]:
         raise DataError(f"{where}: a polygon spans x {lo[0]:g}..{hi[0]:g}, y {lo[1]:g}..{hi[1]:g}, "
                         f"outside the {w}x{h} (width x height) image: drawn for another size?")
     return xy.ravel().tolist()
-
-
-def _nearest_rows(n_in: int, n_out: int) -> np.ndarray:
-    """Source index of each output row under ``cv2.INTER_NEAREST_EXACT`` (separable, so rows
-    and columns are resized alone)."""
-    src = np.arange(n_in, dtype=np.int32).reshape(n_in, 1)
-    return cv2.resize(src, (1, n_out), interpolation=cv2.INTER_NEAREST_EXACT).reshape(n_out)
 
 
 class CocoConcepts(Dataset):
@@ -456,7 +451,7 @@ class CocoConcepts(Dataset):
     def _instance_planes(self, i: int) -> tuple[list[np.ndarray], list[str]]:
         image = self._images[i]
         sh, sw = self.segmentation_size
-        rows, cols = _nearest_rows(image.height, sh), _nearest_rows(image.width, sw)
+        rows, cols = nearest_centers(image.height, sh), nearest_centers(image.width, sw)
         planes: dict[str, list[np.ndarray]] = {c: [] for c in self.categories}
         for inst in self._instances[i]:
             mask = self._decode(inst, image)[np.ix_(rows, cols)].astype(bool)
@@ -506,7 +501,7 @@ class CocoConcepts(Dataset):
                             "does not list")
         numbers = np.array([entry.segments.get(int(v), 0) for v in present], dtype=np.int64)
         sh, sw = self.segmentation_size
-        rows, cols = _nearest_rows(image.height, sh), _nearest_rows(image.width, sw)
+        rows, cols = nearest_centers(image.height, sh), nearest_centers(image.width, sw)
         labels = numbers[inverse.reshape(ids.shape)[np.ix_(rows, cols)]]
         group = self._group[labels]
         planes = [np.where(group == k, labels, 0) for k in range(len(self.categories))]

@@ -257,6 +257,19 @@ def read_image(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(decode_image(data, cv2.IMREAD_COLOR, what), cv2.COLOR_BGR2RGB)
 
 
+def nearest_centers(n: int, s: int) -> np.ndarray:
+    """For each of ``s`` output pixels along an axis of ``n`` input pixels, the input pixel
+    under its center: ``floor((2 j + 1) n / (2 s))``, in exact integer arithmetic (a center
+    exactly on the boundary of two pixels takes the second).
+
+    How label planes and masks are resized (``plane[np.ix_(rows, cols)]``): never a blend of
+    labels, never shifted by half a pixel. ``cv2.INTER_NEAREST_EXACT`` intends the same but
+    its fixed-point arithmetic breaks exact ties the other way (24 -> 22 pixels: index 5 where
+    the center is exactly 6.0) and can pick a neighbour on planes thousands of pixels wide.
+    """
+    return (2 * np.arange(s, dtype=np.int64) + 1) * n // (2 * s)
+
+
 def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """An ``(H, W, 3)`` uint8 image at ``size = (h, w)``, the one rule of every concept dataset.
 

@@ -19,20 +19,13 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .concepts import ConceptDataset, item_categories, rgb_to_tensor
-from .images import MAX_IMAGE_PIXELS, resize_rgb, shown
+from .images import MAX_IMAGE_PIXELS, nearest_centers, resize_rgb, shown
 from .writer import _to_uint8_rgb, write_broden
 
 log = logging.getLogger(__name__)
 
 MAX_SIZE = int(MAX_IMAGE_PIXELS**0.5)
 """Largest image side :func:`resize_dataset` writes (16384)."""
-
-
-def centers(n: int, s: int) -> np.ndarray:
-    """For each of ``s`` output pixels along an axis of ``n`` input pixels, the input pixel
-    under its center: ``floor((2 j + 1) n / (2 s))``, in exact integer arithmetic (a center
-    exactly on the boundary of two pixels takes the second)."""
-    return (2 * np.arange(s, dtype=np.int64) + 1) * n // (2 * s)
 
 
 def _check_size(size: Any) -> int:
@@ -52,8 +45,9 @@ class ResizedConcepts(Dataset):
     are resized by nearest neighbour with aligned pixel centers: output pixel ``(y, x)`` takes
     the label of the input pixel under its center,
     ``plane[floor((y + 0.5) * sh / s), floor((x + 0.5) * sw / s)]`` for ``s = size // 2``
-    (:func:`centers`), so the planes stay aligned with the images. This is what
-    ``cv2.INTER_NEAREST_EXACT`` (and PIL's nearest) compute, but in exact integer arithmetic:
+    (:func:`~dissect.datasets.images.nearest_centers`), so the planes stay aligned with the
+    images. This is what ``cv2.INTER_NEAREST_EXACT`` (and PIL's nearest) compute, but in exact
+    integer arithmetic:
     OpenCV's 16.16 fixed point breaks a tie (a center exactly on a boundary, e.g. 24 -> 22
     pixels) the other way or, for planes of thousands of pixels, can pick a neighbour of the
     pixel under the center; ``cv2.INTER_NEAREST`` would shift every plane up and left by up to
@@ -125,7 +119,7 @@ class ResizedConcepts(Dataset):
         if planes.ndim != 3:
             raise DataError(f"item {i}: pixel_labels must be (P, sh, sw), got shape "
                             f"{planes.shape}")
-        rows, cols = (centers(n, self.plane_size) for n in planes.shape[1:])
+        rows, cols = (nearest_centers(n, self.plane_size) for n in planes.shape[1:])
         return planes[:, rows[:, None], cols[None, :]].astype(np.int64, copy=False)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
