@@ -323,7 +323,7 @@ def read_mask(path: str | Path, what: str, expect: tuple[int, int]) -> np.ndarra
 
 def _pillow_indices(data: bytes, what: str) -> np.ndarray:
     """A palette PNG's indices (or a 1-bit PNG's 0/1) with Pillow, which keeps them."""
-    from PIL import Image  # Pillow: a dependency of scikit-image and matplotlib
+    from PIL import Image  # Pillow (install_requires): only palette and 1-bit masks need it
 
     try:
         with Image.open(io.BytesIO(data)) as image:
